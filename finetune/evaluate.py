@@ -1,0 +1,189 @@
+"""The evaluate stage: greedy answers from the base and the fine-tuned model, scored, plus retention.
+
+Scores: exact match and contains match on the evaluation questions (by default the training questions, as
+seed 000 does), ROUGE-1/2/L, and retention: of the general-knowledge probes the base answers right, the
+fraction the fine-tuned model still answers right.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+from finetune import model as model_lib
+from finetune.config import RunConfig
+from finetune.errors import ConfigError
+from finetune.generation import generate
+from finetune.paths import RunPaths, atomic_write_text
+
+
+def normalise(s: str) -> str:
+    s = unicodedata.normalize("NFKC", s).lower()
+    s = re.sub(r"[\s\"'`.,!?;:()\[\]{}<>«»“”‘’、。]+", " ", s)
+    return " ".join(s.split())
+
+
+def exact_match(pred: str, answers: list[str]) -> bool:
+    p = normalise(pred)
+    return any(p == normalise(a) for a in answers)
+
+
+def contains_match(pred: str, answers: list[str]) -> bool:
+    """The answer appears in the prediction as whole words (so '8' does not match '18')."""
+    p = f" {normalise(pred)} "
+    for a in answers:
+        a = normalise(a)
+        if not a:
+            continue
+        if re.search(r"(?<![0-9a-z])" + re.escape(a) + r"(?![0-9a-z])", p):
+            return True
+    return False
+
+
+def rouge(preds: list[str], refs: list[str]) -> dict:
+    from rouge_score import rouge_scorer
+
+    # Character-level tokens work for Korean and English alike; the default tokenizer drops Hangul.
+    class _Chars:
+        def tokenize(self, text):
+            return [c for c in normalise(text) if not c.isspace()]
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=_Chars())
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for p, r in zip(preds, refs):
+        for k, v in scorer.score(r, p).items():
+            totals[k] += v.fmeasure
+    n = max(len(preds), 1)
+    return {k: round(v / n, 4) for k, v in totals.items()}
+
+
+def questions_from_eval(paths: RunPaths, limit: int = 0) -> list[dict]:
+    rows = [json.loads(l) for l in open(paths.eval_file, encoding="utf-8")] if paths.eval_file.is_file() else []
+    qs = []
+    for r in rows:
+        if "messages" not in r:
+            continue
+        last = max(i for i, m in enumerate(r["messages"]) if m["role"] == "assistant")
+        qs.append({"id": r["id"], "messages": r["messages"][:last], "answers": [r["messages"][last]["content"]]})
+    return qs[:limit] if limit else qs
+
+
+def probes(cfg: RunConfig) -> list[dict]:
+    if not cfg.retention_set:
+        return []
+    p = Path(cfg.retention_set)
+    if not p.is_file():
+        raise ConfigError(f"RETENTION_SET={p}: no such file (set RETENTION_SET='' to turn retention off)")
+    try:
+        items = json.loads(p.read_text(encoding="utf-8"))
+        return [{"id": x["id"], "messages": [{"role": "user", "content": x["question"]}], "answers": list(x["answers"])}
+                for x in items]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"RETENTION_SET={p}: expected a JSON list of {{id, question, answers}} ({e})") from None
+
+
+def score(items: list[dict], preds: list[str]) -> dict:
+    em = [exact_match(p, it["answers"]) for p, it in zip(preds, items)]
+    cm = [contains_match(p, it["answers"]) for p, it in zip(preds, items)]
+    n = max(len(items), 1)
+    return {"n": len(items), "exact_match": round(sum(em) / n, 4), "contains_match": round(sum(cm) / n, 4),
+            "rouge": rouge(preds, [it["answers"][0] for it in items]), "_cm": cm}
+
+
+def retention(probe_items: list[dict], base_ok: list[bool], tuned_ok: list[bool]) -> dict:
+    known = [i for i, ok in enumerate(base_ok) if ok]
+    kept = [i for i in known if tuned_ok[i]]
+    return {"kept": len(kept), "of": len(known), "fraction": round(len(kept) / len(known), 4) if known else None,
+            "lost": [probe_items[i]["messages"][0]["content"] for i in known if not tuned_ok[i]],
+            "gained": sum(1 for i, ok in enumerate(tuned_ok) if ok and not base_ok[i])}
+
+
+def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=print) -> dict:
+    """Write eval/report.json, report.md and the loss curve; return the report."""
+    from transformers import AutoTokenizer
+
+    tuned_dir = paths.merged if (paths.merged / "config.json").is_file() else None
+    if tuned_dir is None and not (paths.adapters / "adapter_config.json").is_file():
+        raise ConfigError(f"nothing to evaluate: no merged model in {paths.merged} and no adapter in {paths.adapters}")
+    tok = AutoTokenizer.from_pretrained(tuned_dir or paths.adapters)
+    qs = questions_from_eval(paths, cfg.eval_max_questions)
+    if not qs:
+        raise ConfigError(f"no evaluation questions in {paths.eval_file}: run JOB=prepare first")
+    pr = probes(cfg)
+
+    results = {}
+    for label in ("base", "finetuned"):
+        model = _load(label, base, tuned_dir, paths, tok, device)
+        preds, _ = generate(model, tok, qs, cfg.eval_max_new_tokens, device, f"evaluate {label}")
+        probe_preds, _ = generate(model, tok, pr, cfg.eval_max_new_tokens, device, f"retention {label}") if pr else ([], [])
+        results[label] = {"scores": score(qs, preds), "preds": preds,
+                          "probe_ok": [contains_match(p, it["answers"]) for p, it in zip(probe_preds, pr)],
+                          "probe_preds": probe_preds}
+        del model
+
+    report = _report(cfg, paths, qs, pr, results)
+    _write(paths, report)
+    log(summary(report, paths))
+    return report
+
+
+def _load(label, base, tuned_dir, paths, tok, device):
+    if label == "base":
+        return model_lib.load_plain(base, tok, device)
+    if tuned_dir is not None:
+        return model_lib.load_plain(str(tuned_dir), tok, device)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model_lib.load_plain(base, tok, device), str(paths.adapters)).eval()
+
+
+def _report(cfg, paths, qs, pr, results) -> dict:
+    b, f = results["base"], results["finetuned"]
+    report = {"model": cfg.base_model_name, "adapter": str(paths.adapters),
+              "finetuned_from": str(paths.merged if (paths.merged / "config.json").is_file() else paths.adapters),
+              "base": {k: v for k, v in b["scores"].items() if not k.startswith("_")},
+              "finetuned": {k: v for k, v in f["scores"].items() if not k.startswith("_")},
+              "examples": [{"id": q["id"], "question": q["messages"][-1]["content"][:200], "answer": q["answers"][0],
+                            "base": bp[:200], "finetuned": fp[:200], "base_ok": bo, "finetuned_ok": fo}
+                           for q, bp, fp, bo, fo in zip(qs, b["preds"], f["preds"], b["scores"]["_cm"], f["scores"]["_cm"])]}
+    if pr:
+        report["retention"] = retention(pr, b["probe_ok"], f["probe_ok"])
+    report["training"] = _training_summary(paths)
+    return report
+
+
+def _training_summary(paths: RunPaths) -> dict:
+    if not paths.metrics.is_file():
+        return {}
+    recs = [json.loads(l) for l in open(paths.metrics, encoding="utf-8")]
+    losses = [r for r in recs if r.get("loss") is not None]
+    evals = [r for r in recs if r.get("eval_loss") is not None]
+    out = {"steps": losses[-1]["step"] if losses else 0}
+    if losses:
+        out.update(first_loss=losses[0]["loss"], last_loss=losses[-1]["loss"])
+    if evals:
+        out.update(last_eval_loss=evals[-1]["eval_loss"], best_eval_loss=min(e["eval_loss"] for e in evals))
+    return out
+
+
+def _write(paths: RunPaths, report: dict) -> None:
+    from finetune.report import loss_curve, markdown
+
+    paths.eval_dir.mkdir(parents=True, exist_ok=True)
+    png = loss_curve(paths.metrics, paths.eval_dir / "loss_curve.png")
+    atomic_write_text(paths.report_json, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(paths.eval_dir / "report.md", markdown(report, png))
+
+
+def summary(report: dict, paths: RunPaths) -> str:
+    b, f = report["base"], report["finetuned"]
+    lines = [f"[evaluate] {b['n']} questions: contains match {b['contains_match']:.0%} (base) -> {f['contains_match']:.0%} "
+             f"(fine-tuned); exact match {b['exact_match']:.0%} -> {f['exact_match']:.0%}"]
+    r = report.get("retention")
+    if r and r["of"]:
+        lines.append(f"[evaluate] retention: {r['kept']}/{r['of']} general questions the base knew are still right "
+                     f"({r['fraction']:.0%})")
+    lines.append(f"[evaluate] report: {paths.eval_dir / 'report.md'}")
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""The merge stage: adapter + unquantised base -> a plain Hugging Face model, accepted only through the parity gate.
+
+The gate compares the adapter applied to the base (what merging must reproduce) with the merged model as
+reloaded from disk: max |logit difference| and identical greedy continuations. For QLoRA it also reports the
+gap to the adapter on the 4-bit base (what was trained), which merging into full precision cannot remove.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from finetune import model as model_lib
+from finetune.config import RunConfig
+from finetune.data.tokenize import prompt_text
+from finetune.errors import ConfigError, ParityError, ResourceError
+from finetune.paths import RunPaths, atomic_dir
+
+
+@dataclass
+class Parity:
+    max_abs_logit_diff: float
+    tolerance: float
+    greedy_identical: int
+    prompts: int
+    stops_at_eos: bool
+    qlora_gap: float | None = None   # adapter on the 4-bit base vs merged
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_logit_diff <= self.tolerance and self.greedy_identical == self.prompts
+
+
+def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=print) -> Path:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    if not (paths.adapters / "adapter_config.json").is_file():
+        raise ConfigError(f"no finished adapter in {paths.adapters}: train first (JOB=train or resume_training)")
+    _check_disk(base, paths.merged.parent)
+    tok = AutoTokenizer.from_pretrained(paths.adapters)  # the tokenizer and chat template used in training
+    dtype = model_lib.compute_dtype(device)
+    prompts = _parity_prompts(paths, tok)
+
+    log(f"[merge] loading {base} unquantised ({str(dtype).replace('torch.', '')}) and the adapter {paths.adapters}")
+    peft_model = PeftModel.from_pretrained(model_lib.load_plain(base, tok, device, dtype), str(paths.adapters)).eval()
+    reference = _logits(peft_model, tok, prompts, device)
+    ref_greedy = _greedy(peft_model, tok, prompts, device)
+    merged = peft_model.merge_and_unload()
+    merged.generation_config.eos_token_id = tok.eos_token_id
+    merged.generation_config.pad_token_id = tok.pad_token_id
+
+    with atomic_dir(paths.merged) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
+        tok.save_pretrained(tmp)
+        del merged, peft_model
+        if cfg.merge_parity == "on":
+            parity = _gate(cfg, tmp, tok, prompts, reference, ref_greedy, device, dtype)
+            if cfg.use_qlora:
+                parity.qlora_gap = _qlora_gap(cfg, base, paths, tok, prompts, tmp, device)
+            (tmp / "merge_parity.json").write_text(json.dumps(asdict(parity), indent=1) + "\n")
+            log(f"[merge] parity: max |logit diff| {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.1e}); "
+                f"greedy identical {parity.greedy_identical}/{parity.prompts}; stops at EOS: {parity.stops_at_eos}"
+                + (f"; QLoRA gap (4-bit base vs merged) {parity.qlora_gap:.3f}" if parity.qlora_gap is not None else ""))
+            if not parity.ok:
+                raise ParityError(f"merge rejected: max |logit diff| {parity.max_abs_logit_diff:.3e} vs tolerance "
+                                  f"{parity.tolerance:.1e}, greedy identical {parity.greedy_identical}/{parity.prompts}; "
+                                  f"the adapter in {paths.adapters} is not reproduced by the merged weights")
+        else:
+            log("[merge] MERGE_PARITY=off: parity gate skipped")
+    log(f"[merge] merged model written to {paths.merged}")
+    return paths.merged
+
+
+def _parity_prompts(paths: RunPaths, tok, n: int = 4) -> list[str]:
+    rows = [json.loads(l) for l in open(paths.eval_file, encoding="utf-8")] if paths.eval_file.is_file() else []
+    prompts = [prompt_text(tok, r["messages"]) for r in rows if "messages" in r][:n]
+    return prompts or [tok.apply_chat_template([{"role": "user", "content": "Hello!"}], tokenize=False, add_generation_prompt=True)]
+
+
+def _logits(model, tok, prompts: list[str], device: str):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False).to(device)
+            out.append(model(**ids).logits.float().cpu())
+    return out
+
+
+def _greedy(model, tok, prompts: list[str], device: str, n: int = 24) -> list[list[int]]:
+    import torch
+
+    res = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False).to(device)
+            g = model.generate(**ids, max_new_tokens=n, do_sample=False, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id)
+            res.append(g[0, ids["input_ids"].shape[1]:].tolist())
+    return res
+
+
+def _gate(cfg, folder: Path, tok, prompts, reference, ref_greedy, device, dtype) -> Parity:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    got = _logits(reloaded, tok, prompts, device)
+    diff = max(float((a - b).abs().max()) for a, b in zip(reference, got))
+    scale = max(float(r.abs().max()) for r in reference)
+    # fp32 merges agree to rounding; bf16 rounds the merged weight once more (about 3 significant digits).
+    rel = cfg.merge_parity_tol if dtype == torch.float32 else max(cfg.merge_parity_tol, 2e-2)
+    greedy = _greedy(reloaded, tok, prompts, device)
+    same = sum(a == b for a, b in zip(ref_greedy, greedy))
+    stops = _stops_at_eos(reloaded, tok, prompts, device)
+    return Parity(diff, rel * max(1.0, scale), same, len(prompts), stops)
+
+
+def _stops_at_eos(model, tok, prompts, device, n: int = 128) -> bool:
+    """Generation under the saved chat template ends with the template's end-of-turn within `n` tokens."""
+    out = _greedy(model, tok, prompts[:2], device, n)
+    return all(tok.eos_token_id in seq for seq in out)
+
+
+def _qlora_gap(cfg, base, paths, tok, prompts, merged_dir: Path, device) -> float | None:
+    """Max |logit diff| between the adapter on the 4-bit base (as trained) and the merged model."""
+    try:
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        q = AutoModelForCausalLM.from_pretrained(base, quantization_config=model_lib.bnb_config(device),
+                                                 dtype=model_lib.compute_dtype(device))
+        q = PeftModel.from_pretrained(q, str(paths.adapters)).eval()
+        a = _logits(q, tok, prompts, device)
+        m = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=model_lib.compute_dtype(device)).to(device).eval()
+        b = _logits(m, tok, prompts, device)
+        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    except Exception as e:  # informational only; the gate itself has already passed
+        print(f"[merge] could not measure the QLoRA gap: {type(e).__name__}: {e}")
+        return None
+
+
+def _check_disk(base: str, dest: Path) -> None:
+    need = sum(f.stat().st_size for f in Path(base).glob("*.safetensors")) * 1.1
+    dest.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dest).free
+    if free < need:
+        raise ResourceError(f"not enough disk for the merged model in {dest}: need about {need / 1e9:.1f} GB, "
+                            f"{free / 1e9:.1f} GB free")

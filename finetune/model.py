@@ -1,0 +1,154 @@
+"""The one place that knows Unsloth vs Hugging Face, 4-bit vs full precision, and the LoRA targets.
+
+Unsloth is imported only here and only when the backend resolves to it (a CUDA GPU and an importable unsloth);
+CPU machines never import it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import embedded
+from finetune.config import RunConfig
+from finetune.errors import ConfigError
+
+
+def resolve_base(cfg: RunConfig) -> str:
+    """A local folder for BASE_MODEL_NAME: the folder itself, the embedded model, or a hub cache hit."""
+    name = cfg.base_model_name
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise ConfigError(f"BASE_MODEL_NAME={name}: folder has no config.json (not a Hugging Face model folder)")
+        return str(Path(name))
+    if name == embedded.NAME:
+        return str(embedded.materialize())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # offline, unknown repo, no token: all the same to the user
+        raise ConfigError(f"BASE_MODEL_NAME={name}: not a local folder and could not be fetched from the hub "
+                          f"({type(e).__name__}); point it at a downloaded model folder") from None
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str      # "unsloth" | "hf"
+    why: str
+    device: str    # "cuda" | "cpu"
+
+
+def choose_backend(cfg: RunConfig) -> Backend:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    has_unsloth = cuda and importlib.util.find_spec("unsloth") is not None
+    if cfg.backend == "hf":
+        return Backend("hf", "BACKEND=hf", device)
+    if cfg.backend == "unsloth":
+        if not has_unsloth:
+            raise ConfigError("BACKEND=unsloth needs a CUDA GPU and the unsloth package (pip install -r requirements-gpu.txt)")
+        return Backend("unsloth", "BACKEND=unsloth", device)
+    if has_unsloth:
+        return Backend("unsloth", "auto: CUDA GPU and unsloth present", device)
+    return Backend("hf", "auto: " + ("no CUDA GPU" if not cuda else "unsloth not installed"), device)
+
+
+def load_tokenizer(base: str, cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    from finetune.data.tokenize import setup_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    notes = setup_tokenizer(tok, cfg.chat_template)
+    return tok, notes
+
+
+def compute_dtype(device: str):
+    import torch
+
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def target_modules(cfg: RunConfig, model=None) -> list[str] | str:
+    if cfg.target_modules != "all-linear":
+        return [m.strip() for m in cfg.target_modules.split(",")]
+    if model is None:
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return "all-linear"
+
+
+def lora_config(cfg: RunConfig, model=None):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+                      task_type="CAUSAL_LM", target_modules=target_modules(cfg, model))
+
+
+def bnb_config(device: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype(device),
+                              bnb_4bit_quant_storage=torch.bfloat16 if device == "cuda" else torch.float32)
+
+
+def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str):
+    """The base (4-bit when USE_QLORA) with fresh LoRA adapters, ready for SFTTrainer."""
+    if backend.name == "unsloth":
+        return _load_unsloth(cfg, base, tok, grad_ckpt)
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": compute_dtype(backend.device)}
+    if cfg.use_qlora:
+        kwargs["quantization_config"] = bnb_config(backend.device)
+    if backend.device == "cuda":
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+        kwargs["attn_implementation"] = "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    _match_vocab(model, tok)
+    if cfg.use_qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt != "off")
+    elif grad_ckpt != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(cfg, model))
+
+
+def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str):  # pragma: no cover - needs a GPU
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(model_name=base, max_seq_length=cfg.max_seq_length,
+                                                 load_in_4bit=cfg.use_qlora, dtype=None)
+    _match_vocab(model, tok)
+    ckpt = {"off": False, "on": True, "offload": "unsloth"}[grad_ckpt]
+    return FastLanguageModel.get_peft_model(
+        model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+        target_modules=target_modules(cfg), use_gradient_checkpointing=ckpt, random_state=cfg.seed)
+
+
+def _match_vocab(model, tok) -> None:
+    if len(tok) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
+
+
+def load_plain(base: str, tok, device: str = "cpu", dtype=None):
+    """The base unquantised, for merge, evaluation and replay generation."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or compute_dtype(device))
+    _match_vocab(model, tok)
+    return model.to(device).eval()

@@ -1,0 +1,149 @@
+"""Runs the stages a JOB names and maps failures to exit codes.
+
+    train            prepare -> replay -> train -> merge -> evaluate (-> export when EXPORT_GGUF)
+    resume_training  train (from the newest complete checkpoint) -> merge -> evaluate
+    prepare | merge | evaluate | export   one stage on the outputs already on disk
+
+Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupted (resumable), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+from finetune.config import SECRETS, RunConfig, describe
+from finetune.errors import ConfigError, PipelineError, ResourceError
+from finetune.paths import RunPaths
+from finetune.runlog import RunLog
+
+STAGES = {
+    "train": ("prepare", "replay", "train", "merge", "evaluate", "export"),
+    "resume_training": ("train", "merge", "evaluate", "export"),
+    "prepare": ("prepare",),
+    "merge": ("merge",),
+    "evaluate": ("evaluate",),
+    "export": ("export",),
+}
+
+
+def main(only: tuple[str, ...] | None = None) -> int:
+    """Run JOB's stages (or just `only`, for the thin per-stage scripts); return the exit code."""
+    try:
+        cfg = RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env"))
+    except ConfigError as e:
+        return _fail(e)
+    fault = os.environ.get("RAPA_FAULT", "")  # test-only; inert unless set
+    _setup_tracking(cfg)
+    print(f"[config] JOB={cfg.job}\n{describe(cfg)}", flush=True)
+    paths = RunPaths.from_config(cfg)
+    runlog = RunLog(cfg, paths)
+    try:
+        run(cfg, paths, runlog, fault, only)
+    except PipelineError as e:
+        runlog.finish(e.exit_code, str(e))
+        return _fail(e)
+    except (MemoryError, OSError) as e:
+        if isinstance(e, MemoryError) or getattr(e, "errno", None) == 28:
+            err = ResourceError(f"{'out of memory' if isinstance(e, MemoryError) else 'disk full'}: {e}")
+            runlog.finish(4, str(err))
+            return _fail(err)
+        runlog.finish(1, repr(e))
+        traceback.print_exc()
+        return _fail(PipelineError(f"{type(e).__name__}: {e}"))
+    except Exception as e:  # noqa: BLE001 - last line of defence: one clear line, the trace above it
+        runlog.finish(1, repr(e))
+        traceback.print_exc()
+        return _fail(PipelineError(f"unexpected {type(e).__name__}: {e} (trace above)"))
+    runlog.finish(0, "ok")
+    return 0
+
+
+def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: tuple[str, ...] | None = None) -> None:
+    """The table of contents of a job."""
+    from finetune import model as model_lib
+
+    stages = only or STAGES[cfg.job]
+    if cfg.job == "resume_training" and _finished(paths):
+        print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
+        return
+    base = model_lib.resolve_base(cfg)
+    backend = model_lib.choose_backend(cfg)
+    print(f"[model] base {cfg.base_model_name} -> {base}; backend {backend.name} ({backend.why})", flush=True)
+
+    if "prepare" in stages:
+        with runlog.stage("prepare"):
+            from finetune.data.prepare import prepare, summary
+
+            tok, notes = model_lib.load_tokenizer(base, cfg)
+            print("\n".join(f"[prepare] {n}" for n in notes))
+            stats = prepare(cfg, paths, tok)
+            print(summary(stats, paths), flush=True)
+            runlog.artefact("data", paths.data_dir)
+    if "replay" in stages and cfg.replay_fraction > 0:
+        with runlog.stage("replay"):
+            from finetune.replay import build_replay
+
+            build_replay(cfg, paths, base, backend.device)
+    if "train" in stages:
+        with runlog.stage("train"):
+            from finetune.train import Faults, train
+
+            tok, _ = model_lib.load_tokenizer(base, cfg)
+            adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training", faults=Faults.parse(fault))
+            runlog.artefact("adapters", adapters)
+    if "merge" in stages:
+        with runlog.stage("merge"):
+            from finetune.merge import merge
+
+            runlog.artefact("merged", merge(cfg, paths, base, backend.device))
+    if "evaluate" in stages:
+        with runlog.stage("evaluate"):
+            from finetune.evaluate import evaluate
+
+            evaluate(cfg, paths, base, backend.device)
+            runlog.artefact("report", paths.report_json)
+    if "export" in stages and (cfg.job == "export" or cfg.export_gguf):
+        with runlog.stage("export"):
+            from finetune.export import export
+
+            runlog.artefact("gguf", export(cfg, paths))
+    print(f"[done] outputs in {paths.run_dir}:  adapter {paths.adapters.name}/  merged {paths.merged.name}/  "
+          f"report {paths.eval_dir / 'report.md'}", flush=True)
+
+
+def _finished(paths: RunPaths) -> bool:
+    return all(p.exists() for p in (paths.adapters / "adapter_config.json", paths.merged / "config.json", paths.report_json))
+
+
+def _setup_tracking(cfg: RunConfig) -> None:
+    """The tracking libraries read their settings from the environment; set them here, at the edge, once."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cfg.report_to == "wandb":
+        os.environ["WANDB_PROJECT"] = cfg.wandb_project
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        # One wandb run per output run: a resume continues it instead of starting another.
+        import hashlib
+
+        ident = f"{cfg.base_save_path}|{cfg.model_slug}|{cfg.epochs_label}|{cfg.adapter_kind}"
+        os.environ.setdefault("WANDB_RUN_ID", hashlib.sha1(ident.encode()).hexdigest()[:12])
+        os.environ.setdefault("WANDB_RESUME", "allow")
+        os.environ.setdefault("WANDB_DIR", str(RunPaths.from_config(cfg).run_dir))
+        os.makedirs(os.environ["WANDB_DIR"], exist_ok=True)
+        os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _fail(e: PipelineError) -> int:
+    msg = str(e)
+    for name in SECRETS:  # a secret must never reach the terminal, even inside an error message
+        val = os.environ.get(name)
+        if val:
+            msg = msg.replace(val, f"<{name}>")
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""The train stage: prepared data + base model -> LoRA/QLoRA adapter, through trl's SFTTrainer.
+
+Checkpoints are HF Trainer checkpoints sealed by `checkpoints.finalize` (manifest + COMPLETE marker); resume
+goes through `trainer.train(resume_from_checkpoint=...)`, which restores optimizer, scheduler, RNG states and
+skips the batches already seen, so the sample order equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune import checkpoints, model as model_lib
+from finetune.config import RunConfig
+from finetune.data.tokenize import encode
+from finetune.errors import ConfigError, Interrupted, PipelineError, ResourceError
+from finetune.paths import RunPaths, atomic_dir
+
+
+class NonFiniteLoss(PipelineError):
+    exit_code = 1
+
+
+@dataclass
+class Faults:
+    """Test-only fault injection (RAPA_FAULT, e.g. "nan_at_step=3,sigterm_at_step=5"); inert unless set."""
+
+    nan_at_step: int = -1
+    sigterm_at_step: int = -1
+    crash_in_save_at_step: int = -1
+
+    @classmethod
+    def parse(cls, spec: str) -> "Faults":
+        f = cls()
+        for part in filter(None, (spec or "").split(",")):
+            k, v = part.split("=")
+            setattr(f, k.strip(), int(v))
+        return f
+
+
+@dataclass
+class TrainPlan:
+    """Derived numbers, printed once in the banner and saved in the manifest."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    grad_ckpt: str
+    backend: str
+    device: str
+    rows: int
+    steps_per_epoch: int
+    total_steps: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int = 1) -> TrainPlan:
+    logical = 8 if cfg.batch_size == "auto" else int(cfg.batch_size)
+    micro, accum = logical, cfg.grad_accum
+    grad_ckpt = cfg.gradient_checkpointing
+    if backend.device == "cuda":
+        from finetune.autotune import choose_micro_batch
+
+        micro, accum, grad_ckpt = choose_micro_batch(cfg, logical, cfg.grad_accum, grad_ckpt)
+    elif grad_ckpt == "auto":
+        grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
+    steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
+    return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total)
+
+
+def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
+    def read(p: Path) -> list[dict]:
+        return [json.loads(l) for l in open(p, encoding="utf-8")] if p.is_file() else []
+
+    train = read(paths.train_file)
+    if cfg.replay_fraction > 0:
+        replay = read(paths.replay_file)
+        train += replay[: max(1, round(cfg.replay_fraction * len(train)))] if replay else []
+    held_out = read(paths.eval_file) if cfg.eval_fraction > 0 else []
+    return train, held_out
+
+
+def to_dataset(rows: list[dict], tok, cfg: RunConfig):
+    from datasets import Dataset
+
+    ids, labels = [], []
+    for r in rows:
+        e = encode(tok, r, cfg.max_seq_length, cfg.train_on_inputs)
+        ids.append(e.input_ids)
+        labels.append(e.labels)
+    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+
+
+def data_fingerprint(paths: RunPaths) -> str:
+    parts = [checkpoints.sha256(p) for p in (paths.train_file, paths.replay_file) if p.is_file()]
+    return "+".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Backend, resume: bool,
+          faults: Faults | None = None, world_size: int = 1, log=print) -> Path:
+    """Train and write the adapter to `paths.adapters`; return that folder."""
+    faults = faults or Faults()
+    train_rows, eval_rows = load_rows(paths, cfg)
+    if not train_rows:
+        raise ConfigError(f"no prepared training data in {paths.train_file}: run JOB=prepare (or JOB=train) first")
+    p = plan(cfg, backend, len(train_rows), world_size)
+    resume_from = _resume_point(cfg, paths, resume, p, log)
+
+    # The seed goes first: LoRA initialisation draws from it.
+    from transformers import set_seed
+    set_seed(cfg.seed)
+    model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt)
+    trainable, total = _count_params(model)
+    log(banner(cfg, p, trainable, total, paths))
+
+    trainer = _build_trainer(cfg, paths, model, tok, p, to_dataset(train_rows, tok, cfg),
+                             to_dataset(eval_rows, tok, cfg) if eval_rows else None, faults, log)
+    stop = _SignalFlag()
+    with stop.installed():
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except RuntimeError as e:
+            if "out of memory" in str(e).lower():
+                raise ResourceError(f"out of memory at micro-batch {p.micro_batch}: lower BATCH_SIZE or MAX_SEQ_LENGTH, "
+                                    "or set GRADIENT_CHECKPOINTING=offload") from None
+            raise
+    if stop.received:
+        last = checkpoints.newest_complete(paths.checkpoints, log)
+        raise Interrupted(f"stopped by {stop.received} at step {trainer.state.global_step}; saved {last}. "
+                          "Continue with JOB=resume_training ./run.sh")
+    return _save_adapter(cfg, paths, trainer, tok, p)
+
+
+def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, log) -> Path | None:
+    existing = checkpoints.list_checkpoints(paths.checkpoints)
+    if not resume:
+        if existing and not cfg.overwrite:
+            raise ConfigError(f"CHECKPOINT_PATH={paths.checkpoints} already holds {len(existing)} checkpoint(s) of an "
+                              "earlier run: continue it with JOB=resume_training, or start over with OVERWRITE=1")
+        if existing:
+            log(f"[train] OVERWRITE=1: removing {len(existing)} old checkpoint(s) in {paths.checkpoints}")
+            for _, c in existing:
+                shutil.rmtree(c)
+        return None
+    ckpt = checkpoints.newest_complete(paths.checkpoints, log)
+    if ckpt is None:
+        raise ConfigError(f"JOB=resume_training: no complete checkpoint in {paths.checkpoints} to resume from; "
+                          "start with JOB=train")
+    checkpoints.require_compatible(ckpt, fingerprint(cfg, p, paths))
+    log(f"[resume] continuing from {ckpt} (step {checkpoints.read_manifest(ckpt)['step']})")
+    return ckpt
+
+
+def fingerprint(cfg: RunConfig, p: TrainPlan, paths: RunPaths) -> dict:
+    return {**cfg.fingerprint_fields(), "effective_batch": p.effective_batch, "data": data_fingerprint(paths)}
+
+
+def _count_params(model) -> tuple[int, int]:
+    trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    total = sum(x.numel() for x in model.parameters())
+    return trainable, total
+
+
+def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunPaths) -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if p.device == "cuda" else "none (CPU)"
+    return "\n".join([
+        "[train] ---------------------------------------------------------------",
+        f"[train] backend {p.backend} on {p.device} (GPU: {gpu}); QLoRA {'on (NF4, double quant)' if cfg.use_qlora else 'off'}",
+        f"[train] rows {p.rows}; effective batch {p.effective_batch} = micro-batch {p.micro_batch} x grad-accum "
+        f"{p.grad_accum} x {p.world_size} process(es); {p.steps_per_epoch} steps/epoch, {p.total_steps} steps total",
+        f"[train] LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} targets={cfg.target_modules};"
+        f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
+        f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}); gradient checkpointing {p.grad_ckpt};"
+        f" checkpoints every {cfg.save_steps} steps in {paths.checkpoints}",
+        "[train] ---------------------------------------------------------------",
+    ])
+
+
+def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faults: Faults, log):
+    import torch
+    from trl import SFTConfig, SFTTrainer
+    from transformers import EarlyStoppingCallback
+
+    cuda = p.device == "cuda"
+    args = SFTConfig(
+        output_dir=str(paths.checkpoints),
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=p.micro_batch,
+        per_device_eval_batch_size=p.micro_batch,
+        gradient_accumulation_steps=p.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=max(0, round(cfg.warmup_ratio * p.total_steps)),
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim="adamw_8bit" if cuda else "adamw_torch",
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=None,  # rotation is ours: only after the new checkpoint is sealed
+        eval_strategy="steps" if eval_ds is not None and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps or None,
+        load_best_model_at_end=bool(cfg.early_stopping_patience),
+        metric_for_best_model="eval_loss" if cfg.early_stopping_patience else None,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        run_name=f"{cfg.model_slug}_{cfg.adapter_kind}",
+        max_length=cfg.max_seq_length,
+        packing=cfg.packing,
+        padding_free=cfg.packing,
+        gradient_checkpointing=False,  # set on the model by model.load_for_training
+        use_cpu=not cuda,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        save_only_model=False,
+    )
+    # The fault callback runs before the seal so that a simulated crash lands between the write and the marker.
+    callbacks = [_MetricsCallback(paths.metrics), _FaultCallback(faults), _SealCallback(cfg, paths, p, log), _SignalCallback()]
+    if cfg.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    return _GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                              processing_class=tok, callbacks=callbacks, faults=faults)
+
+
+def _save_adapter(cfg, paths: RunPaths, trainer, tok, p: TrainPlan) -> Path:
+    with atomic_dir(paths.adapters) as tmp:
+        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)  # the training chat template travels with the adapter
+        info = {"base_model_name": cfg.base_model_name, "global_step": trainer.state.global_step,
+                "effective_batch": p.effective_batch, "backend": p.backend, "config": cfg.public_dict()}
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    return paths.adapters
+
+
+# ----------------------------------------------------------------------------------------------------
+from transformers import TrainerCallback  # noqa: E402  (kept below the stage code it serves)
+from trl import SFTTrainer  # noqa: E402
+
+
+class _GuardedSFTTrainer(SFTTrainer):
+    """SFTTrainer that refuses a non-finite loss before backward, so the optimizer never applies it."""
+
+    def __init__(self, *a, faults: Faults, **kw):
+        super().__init__(*a, **kw)
+        self._faults = faults
+
+    def compute_loss(self, model, inputs, *a, **kw):
+        out = super().compute_loss(model, inputs, *a, **kw)
+        loss = out[0] if isinstance(out, tuple) else out
+        if self._faults.nan_at_step == self.state.global_step + 1 and model.training:
+            loss = loss * float("nan")  # fault injection for tests
+        import torch
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}; nothing applied. "
+                                "Last good checkpoint kept; lower LEARNING_RATE or check the data, then resume")
+        return out
+
+
+class _MetricsCallback(TrainerCallback):
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def on_train_begin(self, args, state, control, **kw):
+        # A resumed run drops the lines past the checkpoint it resumes from, so the curve has no duplicates.
+        if self.path.is_file():
+            keep = [l for l in open(self.path, encoding="utf-8") if json.loads(l).get("step", 0) <= state.global_step]
+            self.path.write_text("".join(keep), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero or not logs:
+            return
+        rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+        if "loss" in logs:
+            rec.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
+        elif "eval_loss" in logs:
+            rec.update(eval_loss=logs["eval_loss"])
+        else:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+class _SealCallback(TrainerCallback):
+    def __init__(self, cfg, paths, p, log):
+        self.cfg, self.paths, self.plan, self.log = cfg, paths, p, log
+
+    def on_save(self, args, state, control, **kw):
+        if not state.is_world_process_zero:
+            return
+        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        meta = {"step": state.global_step, "epoch": state.epoch, "fingerprint": fingerprint(self.cfg, self.plan, self.paths),
+                "config": self.cfg.public_dict(), "versions": versions(), "data_fingerprint": data_fingerprint(self.paths),
+                "micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum, "world_size": self.plan.world_size,
+                "saved_at": time.time()}
+        try:
+            checkpoints.finalize(ckpt, meta)
+        except OSError as e:
+            if e.errno == 28:  # ENOSPC: the previous checkpoint is untouched
+                raise ResourceError(f"disk full while saving {ckpt}; the previous checkpoint is intact. Free space, then "
+                                    "JOB=resume_training") from None
+            raise
+        checkpoints.rotate(Path(args.output_dir), self.cfg.save_total_limit, self.log)
+
+
+class _SignalFlag:
+    received: str | None = None
+
+    def installed(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def cm():
+            _SignalFlag.received = None
+            old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+            for s in old:
+                signal.signal(s, self._handler)
+            try:
+                yield self
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+        return cm()
+
+    def _handler(self, signum, frame):
+        _SignalFlag.received = signal.Signals(signum).name
+        print(f"\n[train] {_SignalFlag.received} received: finishing this step, saving a checkpoint, then exiting 75",
+              flush=True)
+
+
+class _SignalCallback(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if _SignalFlag.received:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class _FaultCallback(TrainerCallback):
+    def __init__(self, faults: Faults):
+        self.faults = faults
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.faults.sigterm_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if state.global_step == self.faults.crash_in_save_at_step:
+            control.should_save = True
+
+    def on_save(self, args, state, control, **kw):
+        if state.global_step == self.faults.crash_in_save_at_step:
+            os._exit(137)  # like kill -9 after the trainer wrote files but before the seal
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "unsloth"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

