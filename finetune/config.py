@@ -71,9 +71,9 @@ class RunConfig:
     packing: bool = _f(False, "pack rows into MAX_SEQ_LENGTH sequences without cross-row attention")
     replay_fraction: float = _f(0.2, "self-distilled replay rows (base model's own answers) per user row; 0 = off")
     # --- optimisation
-    num_epochs: float = _f(3, "training epochs", demo=20)
-    learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=1e-3)
-    batch_size: str = _f("auto", "micro-batch per device, or auto (fits the GPU; 8 on CPU)")
+    num_epochs: float = _f(3, "training epochs", demo=4)
+    learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=2e-3)
+    batch_size: str = _f("auto", "per-device batch, or auto (8; on a GPU split into micro-batches that fit)", demo="4")
     grad_accum: int = _f(1, "gradient accumulation steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.03, "fraction of steps spent warming up the learning rate")
@@ -163,14 +163,12 @@ class RunConfig:
                 values[f.name] = _coerce(raw, f)
             except ValueError as e:
                 problems.append(f"{name}={raw!r}: {e}")
+        # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
+        # so one error lists every problem.
+        cfg = cls(**values)
+        problems.extend(cfg.problems())
         if not problems:
-            try:
-                cfg = cls(**values)
-            except TypeError as e:  # pragma: no cover - dataclass mismatch is a programming error
-                raise ConfigError(str(e)) from e
-            problems.extend(cfg.problems())
-            if not problems:
-                return cfg
+            return cfg
         raise ConfigError("configuration has %d problem(s):\n  - %s" % (len(problems), "\n  - ".join(problems)))
 
     def problems(self) -> list[str]:
@@ -205,7 +203,7 @@ class RunConfig:
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")
         mods = [m.strip() for m in self.target_modules.split(",")]
-        need(all(m.replace("_", "").replace(".", "").isalnum() for m in mods) and all(mods),
+        need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
              f"TARGET_MODULES={self.target_modules!r}: comma-separated module names such as q_proj,v_proj, or all-linear")
         for fmt in filter(None, self.export_gguf.split(",")):
             need(fmt.strip() in ("f16", "q8_0", "bf16"), f"EXPORT_GGUF={self.export_gguf!r}: allowed are f16, q8_0, bf16")
@@ -288,7 +286,7 @@ def help_text() -> str:
            "the embedded demo (BASE_MODEL_NAME and DATA_PATH both unset) uses the preset in braces.", ""]
     for f in dataclasses.fields(RunConfig):
         demo = f.metadata.get("demo")
-        preset = f" {{demo: {demo:g}}}" if demo is not None else ""
+        preset = f" {{demo: {demo}}}" if demo is not None else ""
         out.append(f"  {f.name.upper():<26} [{f.default}]{preset}  {f.metadata['help']}")
     out.append("")
     out.append("  Secrets, read from the environment only and never printed or saved: " + ", ".join(SECRETS))

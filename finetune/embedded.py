@@ -59,6 +59,9 @@ def materialize(cache: str | None = None) -> Path:
         cfg.eos_token_id = tok.eos_token_id
         cfg.pad_token_id = tok.pad_token_id
         cfg.bos_token_id = tok.bos_token_id
+    # The weights are dequantised to fp32 now; a leftover GGUF quantization_config would block 4-bit loading.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)

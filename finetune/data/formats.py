@@ -96,14 +96,15 @@ def _iter_file(path: Path) -> Iterator[RawRow]:
 
 
 def _first_line_is_object(path: Path) -> bool:
-    """A file starting with '{' is JSONL when its first line alone is a complete JSON value."""
+    """A file starting with '{' is JSONL when its first line alone is a complete JSON row (a one-line
+    KorQuAD/SQuAD document, with its 'data' list, is a document, not a row)."""
     with open(path, "rb") as fh:
         first = fh.readline()
     try:
-        json.loads(first)
-        return True
+        value = json.loads(first)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return not (isinstance(value, dict) and isinstance(value.get("data"), list))
 
 
 def _iter_squad(doc: dict, path: Path) -> Iterator[RawRow]:

@@ -43,9 +43,12 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
             if row.error:
                 reject(row, row.error, row.error.split(" (")[0])
                 continue
+            if not isinstance(row.raw, dict):
+                reject(row, f"row is a {type(row.raw).__name__}, expected a JSON object", "expected a JSON object")
+                continue
             row_fmt = detect(row.raw) if fmt == "auto" else fmt
             if row_fmt is None:
-                keys = ", ".join(sorted(row.raw)[:6]) if isinstance(row.raw, dict) else type(row.raw).__name__
+                keys = ", ".join(sorted(row.raw)[:6])
                 reject(row, f"unrecognised row (fields: {keys}); see README 'Data formats'", "unrecognised row")
                 continue
             try:
