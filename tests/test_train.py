@@ -1,0 +1,163 @@
+"""Training on a tiny random Llama: it learns, it resumes exactly, it stops cleanly, it refuses the unsafe."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from finetune import checkpoints as ck
+from finetune.config import RunConfig
+from finetune.data.prepare import prepare
+from finetune.errors import ConfigError, Interrupted
+from finetune.model import Backend, load_tokenizer
+from finetune.paths import RunPaths
+from finetune.train import Faults, NonFiniteLoss, train
+from tests.conftest import qa_rows, write_jsonl
+
+CPU = Backend("hf", "test", "cpu")
+
+
+def setup_run(tmp_path, tiny_llama_dir, **kw):
+    data = write_jsonl(tmp_path / "d.jsonl", qa_rows(16))
+    base = dict(base_model_name=str(tiny_llama_dir), data_path=str(data), base_save_path=str(tmp_path / "out"),
+                checkpoint_path=str(tmp_path / "ckpt"), use_qlora=False, num_epochs=2, batch_size="4",
+                learning_rate=5e-3, save_steps=3, report_to="none", replay_fraction=0.0, lora_dropout=0.0,
+                warmup_ratio=0.0)
+    base.update(kw)
+    cfg = RunConfig(**base)
+    paths = RunPaths.from_config(cfg)
+    tok, _ = load_tokenizer(str(tiny_llama_dir), cfg)
+    prepare(cfg, paths, tok)
+    return cfg, paths, tok
+
+
+def losses(paths):
+    return [json.loads(l) for l in open(paths.metrics) if "loss" in json.loads(l)]
+
+
+def adapter_tensors(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def test_lora_learns_and_only_lora_weights_change(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, num_epochs=3)
+    out = train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+    curve = losses(paths)
+    assert len(curve) == 12 and curve[-1]["loss"] < curve[0]["loss"]
+    assert set(curve[0]) >= {"step", "epoch", "loss", "learning_rate", "grad_norm"}
+    tensors = adapter_tensors(out)
+    assert tensors and all("lora_" in k for k in tensors)
+    assert any(float(t.abs().sum()) > 0 for k, t in tensors.items() if "lora_B" in k)  # B starts at zero
+    # the base checkpoint on disk is untouched
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(t).all() for t in load_file(str(tiny_llama_dir / "model.safetensors")).values())
+    assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
+
+
+def test_checkpoints_are_sealed_and_rotated(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, save_total_limit=2)
+    train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+    names = [p.name for _, p in ck.list_checkpoints(paths.checkpoints)]
+    assert names == ["checkpoint-8", "checkpoint-6"]
+    for _, p in ck.list_checkpoints(paths.checkpoints):
+        assert ck.verify(p) is None
+        m = ck.read_manifest(p)
+        assert {"step", "epoch", "fingerprint", "versions", "data_fingerprint", "config"} <= set(m)
+        assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(m["files"])
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # 3 is mid-epoch, 4 is the epoch boundary (16 rows / batch 4)
+def test_resume_after_sigterm_equals_the_uninterrupted_run(tmp_path, tiny_llama_dir, stop_at):
+    cfg, paths, tok = setup_run(tmp_path / "ref", tiny_llama_dir, save_steps=100)
+    ref_out = train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+    ref = losses(paths)
+
+    cfg2, paths2, tok2 = setup_run(tmp_path / "cut", tiny_llama_dir, save_steps=100)
+    with pytest.raises(Interrupted) as e:
+        train(cfg2, paths2, str(tiny_llama_dir), tok2, CPU, resume=False, faults=Faults(sigterm_at_step=stop_at))
+    assert e.value.exit_code == 75 and f"checkpoint-{stop_at}" in str(e.value)
+    out = train(cfg2, paths2, str(tiny_llama_dir), tok2, CPU, resume=True)
+    got = losses(paths2)
+    assert [r["step"] for r in got] == [r["step"] for r in ref]
+    for a, b in zip(ref, got):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+        assert a["learning_rate"] == pytest.approx(b["learning_rate"], rel=1e-9)
+    ra, rb = adapter_tensors(ref_out), adapter_tensors(out)
+    for k in ra:
+        torch.testing.assert_close(ra[k], rb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_kill_during_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+    import textwrap
+
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
+    script = textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {str(tmp_path.parent)!r})
+        from finetune.config import RunConfig
+        from finetune.paths import RunPaths
+        from finetune.model import Backend, load_tokenizer
+        from finetune.train import Faults, train
+        cfg = RunConfig(**{cfg.public_dict()!r})
+        tok, _ = load_tokenizer(cfg.base_model_name, cfg)
+        train(cfg, RunPaths.from_config(cfg), cfg.base_model_name, tok, Backend("hf", "t", "cpu"), resume=False,
+              faults=Faults(crash_in_save_at_step=6))
+    """)
+    import finetune, os
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(finetune.__file__))}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 137, r.stderr[-2000:]
+    assert (paths.checkpoints / "checkpoint-6").is_dir() and not (paths.checkpoints / "checkpoint-6" / ck.MARKER).exists()
+    said = []
+    assert ck.newest_complete(paths.checkpoints, said.append).name == "checkpoint-3"
+    assert "checkpoint-6" in said[0]
+    train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=True)
+    assert losses(paths)[-1]["step"] == 8
+
+
+def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, save_steps=3, num_epochs=1.5)
+    with pytest.raises(Interrupted):
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(sigterm_at_step=5))
+    newest = paths.checkpoints / "checkpoint-5"
+    f = newest / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    said = []
+    assert ck.newest_complete(paths.checkpoints, said.append).name == "checkpoint-3"
+    train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=True, log=said.append)
+    assert any("skipping" in s and "checkpoint-5" in s for s in said)
+    assert any("continuing from" in s and "checkpoint-3" in s for s in said)
+
+
+def test_resume_refuses_a_changed_config_with_a_field_diff(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
+    with pytest.raises(Interrupted):
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(sigterm_at_step=3))
+    changed = RunConfig(**{**cfg.public_dict(), "lora_rank": 8})
+    with pytest.raises(ConfigError, match="lora_rank: checkpoint has 16, now 8") as e:
+        train(changed, paths, str(tiny_llama_dir), tok, CPU, resume=True)
+    assert e.value.exit_code == 2
+
+
+def test_train_refuses_to_clobber_checkpoints_and_resume_needs_one(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=True)
+    with pytest.raises(Interrupted):
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(sigterm_at_step=3))
+    with pytest.raises(ConfigError, match="JOB=resume_training.*OVERWRITE=1"):
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+    again = RunConfig(**{**cfg.public_dict(), "overwrite": True})
+    train(again, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+
+
+def test_non_finite_loss_stops_before_the_optimizer_and_keeps_the_last_checkpoint(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
+    with pytest.raises(NonFiniteLoss, match="non-finite loss .* at step 5"):
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(nan_at_step=5))
+    assert ck.newest_complete(paths.checkpoints).name == "checkpoint-3"
+    assert not paths.adapters.exists()
