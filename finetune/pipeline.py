@@ -68,6 +68,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
     if cfg.job == "resume_training" and _finished(paths):
         print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
         return
+    _preflight(cfg, paths, stages)
     base = model_lib.resolve_base(cfg)
     backend = model_lib.choose_backend(cfg)
     print(f"[model] base {cfg.base_model_name} -> {base}; backend {backend.name} ({backend.why})", flush=True)
@@ -111,6 +112,22 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
             runlog.artefact("gguf", export(cfg, paths))
     print(f"[done] outputs in {paths.run_dir}:  adapter {paths.adapters.name}/  merged {paths.merged.name}/  "
           f"report {paths.eval_dir / 'report.md'}", flush=True)
+
+
+def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:
+    """Cheap checks before anything heavy loads, so a wrong path fails in a second, not after model loading."""
+    from pathlib import Path
+
+    from finetune.errors import DataError
+
+    if "prepare" in stages and not Path(cfg.data_path).exists():
+        raise DataError(f"DATA_PATH={cfg.data_path}: no such file or folder")
+    if cfg.job == "train" and "train" in stages and not cfg.overwrite:
+        from finetune.checkpoints import list_checkpoints
+
+        if list_checkpoints(paths.checkpoints):
+            raise ConfigError(f"CHECKPOINT_PATH={paths.checkpoints} already holds checkpoints of an earlier run: continue "
+                              "it with JOB=resume_training, or start over with OVERWRITE=1")
 
 
 def _finished(paths: RunPaths) -> bool:

@@ -58,6 +58,8 @@ class TrainPlan:
     steps_per_epoch: int
     total_steps: int
     notes: list[str] = field(default_factory=list)
+    keep_layers: int = 0        # grad_ckpt == "partial": decoder layers that keep their activations
+    padding_free: bool = False  # rows concatenated without pad tokens (Unsloth on a GPU, or PACKING)
 
     @property
     def effective_batch(self) -> int:
@@ -68,15 +70,32 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
     logical = 8 if cfg.batch_size == "auto" else int(cfg.batch_size)
     micro, accum = logical, cfg.grad_accum
     grad_ckpt = cfg.gradient_checkpointing
+    keep, notes = 0, []
     if backend.device == "cuda":
-        from finetune.autotune import choose_micro_batch
+        from finetune import autotune
 
-        micro, accum, grad_ckpt = choose_micro_batch(cfg, logical, cfg.grad_accum, grad_ckpt)
+        # BATCH_SIZE=auto (or any value) on a GPU: the same effective batch, cut into micro-batches that fit.
+        shape = autotune.model_shape(cfg)
+        c = autotune.choose_micro_batch(cfg, logical, cfg.grad_accum, grad_ckpt, backend.name, shape,
+                                        max_micro=None if cfg.batch_size == "auto" else logical)
+        micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
+        notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + autotune.describe(c, shape["layers"]))
     elif grad_ckpt == "auto":
         grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
+    padding_free = cfg.packing or (backend.name == "unsloth" and backend.device == "cuda")
     steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
-    return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total)
+    return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
+                     notes, keep, padding_free)
+
+
+def cap_gpu_memory(cfg: RunConfig) -> None:
+    """MAX_GPU_MEMORY: the allocator refuses more than this (so a run sized for a smaller GPU behaves like one)."""
+    import torch
+
+    if cfg.max_gpu_memory > 0 and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.max_gpu_memory * 2**30 / total))
 
 
 def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
@@ -115,13 +134,15 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     train_rows, eval_rows = load_rows(paths, cfg)
     if not train_rows:
         raise ConfigError(f"no prepared training data in {paths.train_file}: run JOB=prepare (or JOB=train) first")
+    if backend.device == "cuda":
+        cap_gpu_memory(cfg)
     p = plan(cfg, backend, len(train_rows), world_size)
     resume_from = _resume_point(cfg, paths, resume, p, log)
 
     # The seed goes first: LoRA initialisation draws from it.
     from transformers import set_seed
     set_seed(cfg.seed)
-    model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt)
+    model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers)
     trainable, total = _count_params(model)
     log(banner(cfg, p, trainable, total, paths))
 
@@ -177,6 +198,7 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
     import torch
 
     gpu = torch.cuda.get_device_name(0) if p.device == "cuda" else "none (CPU)"
+    ckpt = f"partial ({p.keep_layers} layers keep activations)" if p.grad_ckpt == "partial" else p.grad_ckpt
     return "\n".join([
         "[train] ---------------------------------------------------------------",
         f"[train] backend {p.backend} on {p.device} (GPU: {gpu}); QLoRA {'on (NF4, double quant)' if cfg.use_qlora else 'off'}",
@@ -184,8 +206,10 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
         f"{p.grad_accum} x {p.world_size} process(es); {p.steps_per_epoch} steps/epoch, {p.total_steps} steps total",
         f"[train] LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} targets={cfg.target_modules};"
         f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
-        f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}); gradient checkpointing {p.grad_ckpt};"
+        f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}); gradient checkpointing {ckpt};"
         f" checkpoints every {cfg.save_steps} steps in {paths.checkpoints}",
+        *[f"[train] {n}" for n in p.notes],
+        *(["[train] padding-free batches: rows concatenated, no pad tokens"] if p.padding_free and not cfg.packing else []),
         "[train] ---------------------------------------------------------------",
     ])
 
@@ -222,9 +246,11 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
         data_seed=cfg.seed,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         run_name=f"{cfg.model_slug}_{cfg.adapter_kind}",
-        max_length=cfg.max_seq_length,
+        # Rows are already truncated to MAX_SEQ_LENGTH by `to_dataset`; padding-free without packing needs
+        # max_length unset (trl refuses it otherwise).
+        max_length=None if p.padding_free and not cfg.packing else cfg.max_seq_length,
         packing=cfg.packing,
-        padding_free=cfg.packing,
+        padding_free=p.padding_free,
         gradient_checkpointing=False,  # set on the model by model.load_for_training
         use_cpu=not cuda,
         dataloader_num_workers=0,

@@ -51,7 +51,14 @@ def exported(tmp_path_factory, smollm2_dir):
     return out, paths, lines
 
 
-def fields(path: Path) -> tuple[dict, int]:
+@pytest.fixture(scope="module")
+def read_back(exported):
+    """fmt -> (metadata values, tensor count, tensor type names), each file parsed once (the vocabulary is slow)."""
+    out = exported[0]
+    return {fmt: fields(out / f"{SLUG}-{fmt}.gguf") for fmt in ("f16", "q8_0")}
+
+
+def fields(path: Path) -> tuple[dict, int, set]:
     import gguf
 
     reader = gguf.GGUFReader(str(path))
@@ -61,7 +68,7 @@ def fields(path: Path) -> tuple[dict, int]:
             values[key] = len(field.data)
         else:
             values[key] = field.contents()
-    return values, len(reader.tensors)
+    return values, len(reader.tensors), {t.tensor_type.name for t in reader.tensors}
 
 
 def test_export_writes_gguf_and_modelfile_next_to_merged(exported):
@@ -73,13 +80,15 @@ def test_export_writes_gguf_and_modelfile_next_to_merged(exported):
     f16, q8 = out / f"{SLUG}-f16.gguf", out / f"{SLUG}-q8_0.gguf"
     assert q8.stat().st_size < 0.6 * f16.stat().st_size
     assert all(line.startswith("[export]") for line in lines)
-    assert any("q4_k_m" in line for line in lines) or "q4_k_m" in json.loads((out / "export.json").read_text())
+    # q4_k_m is not asked for here; where llama.cpp's quantiser is missing the output says why
+    q4 = json.loads((out / "export.json").read_text())["q4_k_m"]
+    assert q4 == "not requested" or any(line.startswith("[export] q4_k_m not available here") for line in lines)
 
 
 @pytest.mark.parametrize("fmt,file_type", [("f16", 1), ("q8_0", 7)])
-def test_gguf_reads_back_with_expected_metadata(exported, smollm2_dir, fmt, file_type):
+def test_gguf_reads_back_with_expected_metadata(exported, read_back, smollm2_dir, fmt, file_type):
     out, paths, _ = exported
-    values, n_tensors = fields(out / f"{SLUG}-{fmt}.gguf")
+    values, n_tensors, _ = read_back[fmt]
     assert values["general.architecture"] == "llama"
     # 30 layers x 9 + token embedding + final norm; the tied lm_head is neither saved nor written
     assert n_tensors == values["GGUF.tensor_count"] == safetensors_count(smollm2_dir) == 272
@@ -93,14 +102,9 @@ def test_gguf_reads_back_with_expected_metadata(exported, smollm2_dir, fmt, file
     assert values["tokenizer.chat_template"] == template
 
 
-def test_gguf_tensor_types(exported):
-    import gguf
-
-    out, _, _ = exported
-    types = {fmt: {t.tensor_type.name for t in gguf.GGUFReader(str(out / f"{SLUG}-{fmt}.gguf")).tensors}
-             for fmt in ("f16", "q8_0")}
-    assert types["f16"] == {"F16", "F32"}  # norms stay F32
-    assert types["q8_0"] == {"Q8_0", "F32"}
+def test_gguf_tensor_types(read_back):
+    assert read_back["f16"][2] == {"F16", "F32"}  # norms stay F32
+    assert read_back["q8_0"][2] == {"Q8_0", "F32"}
 
 
 def test_modelfile_carries_template_and_stop(exported):

@@ -95,7 +95,8 @@ def test_user_errors_exit_with_their_code_and_one_clear_line(tmp_path, env, code
     r = run_sh(tmp_path, **env)
     assert r.returncode == code, r.stderr[-2000:]
     assert needle in r.stderr and "Traceback" not in r.stderr + r.stdout
-    assert r.stderr.strip().splitlines()[0].startswith("error:")
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and r.stderr.strip().splitlines()[-1].startswith(("error:", "  -")), r.stderr[-500:]
 
 
 def test_help_lists_every_variable_with_its_default(tmp_path):

@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""GPU speed benchmark (issue 5): HF QLoRA baseline vs raw Unsloth vs this pipeline's train stage, on a
+random-initialised Llama-3.1-8B-architecture model, fixed-length and variable-length workloads.
+
+    python3 bench/gpu_speed.py all --model /tmp/llama8b --out $OUT       # build the model if missing, run every arm
+    python3 bench/gpu_speed.py build --model /tmp/llama8b --tokenizer DIR
+    python3 bench/gpu_speed.py arm ours --model /tmp/llama8b --json x.json  (one arm, in this process)
+
+Every arm runs in its own process (Unsloth patches transformers/trl/peft on import, so the HF baseline must never
+share a process with it). All arms train on the same token ids with the same seed and effective batch 8 (the
+memory-lean arm too), so their first losses must agree; tokens/s is taken over the steps after the first three
+(warm-up, kernel compilation), with the GPU synchronised at every step end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LLAMA_31_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                   intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
+                   rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu", initializer_range=0.02)
+SEQ = 2048
+WARMUP = 3            # steps excluded from the timing
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)   # the pipeline's defaults, used by every arm
+SEED = 42
+
+# name -> (kind, environment for "ours" arms)
+ARMS = {
+    "hf": ("hf", {}),
+    "unsloth_raw": ("unsloth_raw", {}),
+    "ours": ("ours", {}),
+    "ours_24g": ("ours", {"MAX_GPU_MEMORY": "24"}),
+    "ours_offload": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "GRADIENT_CHECKPOINTING": "offload"}),
+    "ours_12g": ("ours", {"MAX_GPU_MEMORY": "12"}),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+def build(model_dir: Path, tokenizer_dir: Path | None, vocab: int = 128256) -> float:
+    """A random Llama-3.1-8B-architecture model in bf16 safetensors (initialised on the GPU: seconds)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t0 = time.time()
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+    extra = {}
+    if tokenizer_dir:
+        tc = json.loads((tokenizer_dir / "config.json").read_text()) if (tokenizer_dir / "config.json").is_file() else {}
+        extra = {k: tc[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in tc}
+    cfg = LlamaConfig(**{**LLAMA_31_8B, "vocab_size": vocab}, **extra)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    model.config.torch_dtype = torch.bfloat16
+    tmp = model_dir.with_name(model_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, max_shard_size="4GB")
+    if tokenizer_dir:
+        for f in tok_files:
+            if (tokenizer_dir / f).is_file():
+                shutil.copy(tokenizer_dir / f, tmp / f)
+    tmp.rename(model_dir)
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    torch.cuda.empty_cache()
+    print(f"[build] {model_dir}: {n / 1e9:.2f}B parameters, vocab {vocab}, in {time.time() - t0:.0f}s", flush=True)
+    return time.time() - t0
+
+
+def datasets_for(vocab: int, fixed_rows: int, var_rows: int):
+    """Same ids for every arm: fixed rows of SEQ tokens; variable rows log-normal (median ~300, cap SEQ)."""
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(SEED)
+    lo = 16  # skip the lowest ids (special tokens of the tokenizer that rides along)
+    fixed = [rng.integers(lo, vocab, SEQ).tolist() for _ in range(fixed_rows)]
+    lengths = np.clip(np.round(rng.lognormal(np.log(300), 1.0, var_rows)), 32, SEQ).astype(int)
+    var = [rng.integers(lo, vocab, int(n)).tolist() for n in lengths]
+    mk = lambda rows: Dataset.from_dict({"input_ids": rows, "labels": [list(r) for r in rows]})
+    return mk(fixed), mk(var), {"var_mean_len": float(lengths.mean()), "var_median_len": float(np.median(lengths)),
+                                "var_max_len": int(lengths.max()), "var_rows": var_rows}
+
+
+# ----------------------------------------------------------------------------------------------------------
+class Meter:
+    """Per optimizer step: wall time (GPU synchronised), tokens fed and non-pad tokens, logged loss."""
+
+    def __init__(self):
+        self.times, self.tokens, self.useful, self.losses = [], [], [], []
+        self.cur = [0, 0]
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                meter.t0 = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                torch.cuda.synchronize()
+                meter.times.append(time.perf_counter())
+                meter.tokens.append(meter.cur[0])
+                meter.useful.append(meter.cur[1])
+                meter.cur = [0, 0]
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    meter.losses.append(round(float(logs["loss"]), 5))
+        return CB()
+
+    def attach(self, trainer):
+        orig = trainer.training_step
+
+        def counting(model, inputs, *a, **k):
+            ids = inputs["input_ids"]
+            am = inputs.get("attention_mask")
+            self.cur[0] += ids.numel()
+            self.cur[1] += int(am.sum()) if am is not None else ids.numel()
+            return orig(model, inputs, *a, **k)
+
+        trainer.training_step = counting
+        trainer.add_callback(self.callback())
+
+    def summary(self) -> dict:
+        import torch
+
+        n = len(self.times)
+        out = {"steps": n, "losses_first3": self.losses[:3], "losses": self.losses,
+               "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+               "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+               "step_s": [round(b - a, 3) for a, b in zip([self.t0] + self.times[:-1], self.times)]}
+        if n > WARMUP:
+            dt = self.times[-1] - self.times[WARMUP - 1]
+            tok = sum(self.tokens[WARMUP:])
+            use = sum(self.useful[WARMUP:])
+            out.update(timed_steps=f"{WARMUP + 1}..{n}", seconds=round(dt, 3), tokens=tok, useful_tokens=use,
+                       tokens_per_s=round(tok / dt, 1), useful_tokens_per_s=round(use / dt, 1),
+                       pad_fraction=round(1 - use / max(tok, 1), 4))
+        return out
+
+
+def sft_args(out_dir: str, steps: int, micro: int, accum: int, **kw):
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=micro,
+                     gradient_accumulation_steps=accum, learning_rate=1e-4, lr_scheduler_type="cosine", warmup_steps=0,
+                     weight_decay=0.0, max_grad_norm=1.0, logging_steps=1,
+                     save_strategy="no", seed=SEED, data_seed=SEED, report_to=[], max_length=SEQ,
+                     dataloader_num_workers=0, disable_tqdm=True, **{"optim": "adamw_8bit", "bf16": True, **kw})
+
+
+def run_workloads(make_trainer, fixed_ds, var_ds, steps: int, var_steps: int, result: dict, dump) -> None:
+    import torch
+
+    for name, ds, n in (("fixed", fixed_ds, steps), ("var", var_ds, var_steps)):
+        if n <= 0:
+            continue
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        meter = Meter()
+        try:
+            trainer = make_trainer(ds, n)
+            meter.attach(trainer)
+            trainer.train()
+            result[name] = meter.summary()
+        except Exception as e:  # noqa: BLE001 - record and go on with the next workload
+            import traceback
+
+            traceback.print_exc()
+            result[name] = {"error": f"{type(e).__name__}: {str(e)[:500]}", **(meter.summary() if meter.times else {})}
+        trainer = None
+        dump()
+
+
+def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int) -> None:
+    kind, env = ARMS[name]
+    result: dict = {"arm": name, "kind": kind, "env": env}
+    dump = lambda: json_path.write_text(json.dumps(result, indent=1))
+    t0 = time.time()
+    work = f"/tmp/bench_{name}"
+    if kind == "ours":
+        # The pipeline's own order: the config, then the backend choice (which imports unsloth first).
+        from finetune import model as model_lib
+        from finetune.config import RunConfig
+
+        environ = {"BASE_MODEL_NAME": str(model_dir), "MAX_SEQ_LENGTH": str(SEQ), "REPORT_TO": "none",
+                   "REPLAY_FRACTION": "0", "RETENTION_SET": "", "SAVE_STEPS": "100000", "BASE_SAVE_PATH": work,
+                   "CHECKPOINT_PATH": work + "/ckpt", "OVERWRITE": "1", "MAX_STEPS": str(steps), "WARMUP_RATIO": "0",
+                   "SEED": str(SEED), **env}
+        cfg = RunConfig.from_env(environ, env_file=None)
+        backend = model_lib.choose_backend(cfg)
+    elif kind == "unsloth_raw":
+        import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
+    import torch
+
+    from finetune.data.tokenize import setup_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    setup_tokenizer(tok)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    fixed_ds, var_ds, info = datasets_for(vocab, 8 * steps + 8, 8 * var_steps + 8)
+    result.update(info)
+    result["device"] = torch.cuda.get_device_name(0)
+
+    if kind == "hf":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+        from trl import SFTTrainer
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.bfloat16,
+                                                     device_map={"": 0}, attn_implementation="sdpa")
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = get_peft_model(model, LoraConfig(**LORA, bias="none", task_type="CAUSAL_LM", target_modules=TARGETS))
+        result["plan"] = {"micro_batch": 4, "grad_accum": 2, "grad_ckpt": "on", "padding_free": False}
+        make = lambda ds, n: SFTTrainer(model=model, args=sft_args(work, n, 4, 2, gradient_checkpointing=True),
+                                        train_dataset=ds, processing_class=tok)
+    elif kind == "unsloth_raw":
+        from unsloth import FastLanguageModel
+        from trl import SFTTrainer
+
+        model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=SEQ, load_in_4bit=True, dtype=None,
+                                                     local_files_only=True)
+        model = FastLanguageModel.get_peft_model(model, **LORA, bias="none", target_modules=TARGETS,
+                                                 use_gradient_checkpointing="unsloth", random_state=SEED)
+        result["plan"] = {"micro_batch": 4, "grad_accum": 2, "grad_ckpt": "unsloth", "padding_free": "unsloth default"}
+        make = lambda ds, n: SFTTrainer(model=model, args=sft_args(work, n, 4, 2), train_dataset=ds,
+                                        processing_class=tok)
+    else:
+        import dataclasses
+
+        from finetune import train as train_lib
+        from finetune.paths import RunPaths
+
+        train_lib.cap_gpu_memory(cfg)
+        p = train_lib.plan(cfg, backend, len(fixed_ds))
+        result["plan"] = {"backend": backend.name, "why": backend.why, "micro_batch": p.micro_batch,
+                          "grad_accum": p.grad_accum, "grad_ckpt": p.grad_ckpt, "keep_layers": p.keep_layers,
+                          "padding_free": p.padding_free, "notes": p.notes, "effective_batch": p.effective_batch}
+        from transformers import set_seed
+
+        set_seed(cfg.seed)
+        base = model_lib.resolve_base(cfg)
+        model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers)
+        paths = RunPaths.from_config(cfg)
+        print(train_lib.banner(cfg, p, *train_lib._count_params(model), paths), flush=True)
+
+        def make(ds, n):
+            c = dataclasses.replace(cfg, max_steps=n)
+            return train_lib._build_trainer(c, paths, model, tok, p, ds, None, train_lib.Faults(), print)
+    result["load_s"] = round(time.time() - t0, 1)
+    dump()
+    run_workloads(make, fixed_ds, var_ds, steps, var_steps, result, dump)
+    result["total_s"] = round(time.time() - t0, 1)
+    dump()
+
+
+# ----------------------------------------------------------------------------------------------------------
+def run_all(model_dir: Path, out: Path, arms: list[str], steps: int, var_steps: int, deadline_s: float,
+            tokenizer_dir: Path | None) -> None:
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "arms.log", "a")
+    summary: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S"), "arms": {}}
+    if not (model_dir / "config.json").is_file():
+        summary["build_s"] = round(build(model_dir, tokenizer_dir), 1)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "UNSLOTH_DISABLE_STATISTICS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for name in arms:
+        left = deadline_s - (time.time() - start)
+        if left < 60:
+            summary["arms"][name] = {"skipped": f"only {left:.0f}s left"}
+            continue
+        jp = Path("/tmp") / f"bench_{name}.json"
+        jp.unlink(missing_ok=True)
+        log.write(f"\n===== {name} =====\n")
+        log.flush()
+        t0 = time.time()
+        try:
+            proc = subprocess.run([sys.executable, __file__, "arm", name, "--model", str(model_dir), "--json", str(jp),
+                                   "--steps", str(steps), "--var-steps", str(var_steps)],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, timeout=left - 10, cwd=ROOT)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        res = json.loads(jp.read_text()) if jp.is_file() else {}
+        res.update(rc=rc, wall_s=round(time.time() - t0, 1))
+        summary["arms"][name] = res
+        (out / "gpu_speed.json").write_text(json.dumps(summary, indent=1))
+        print(f"[bench] {name}: rc={rc} in {time.time() - t0:.0f}s", flush=True)
+    (out / "gpu_speed.json").write_text(json.dumps(summary, indent=1))
+    print(table(summary))
+
+
+def table(summary: dict) -> str:
+    arms = summary["arms"]
+    base = arms.get("hf", {}).get("fixed", {}).get("tokens_per_s")
+    base_v = arms.get("hf", {}).get("var", {}).get("useful_tokens_per_s")
+    raw = arms.get("unsloth_raw", {}).get("fixed", {}).get("tokens_per_s")
+    rows = [f"{'arm':<13} {'plan':<34} {'fixed tok/s':>11} {'xHF':>5} {'xUns':>5} {'peakA/R GiB':>12} "
+            f"{'var useful/s':>12} {'xHF':>5} {'peakA':>6}  first-3 losses (fixed)"]
+    for name, r in arms.items():
+        if "skipped" in r:
+            rows.append(f"{name:<13} skipped: {r['skipped']}")
+            continue
+        p = r.get("plan", {})
+        plan = f"mb{p.get('micro_batch')}x{p.get('grad_accum')} ckpt={p.get('grad_ckpt')}" + (
+            f"/{p.get('keep_layers')}" if p.get("grad_ckpt") == "partial" else "") + (" pf" if p.get("padding_free") is True else "")
+        f, v = r.get("fixed", {}), r.get("var", {})
+        ft, vt = f.get("tokens_per_s"), v.get("useful_tokens_per_s")
+        x = lambda a, b: f"{a / b:.2f}" if a and b else "-"
+        rows.append(f"{name:<13} {plan:<34} {ft or f.get('error', '-')[:11] if f else '-':>11} {x(ft, base):>5} {x(ft, raw):>5} "
+                    f"{str(f.get('peak_alloc_gib', '-')) + '/' + str(f.get('peak_reserved_gib', '-')):>12} "
+                    f"{vt or '-':>12} {x(vt, base_v):>5} {str(v.get('peak_alloc_gib', '-')):>6}  {f.get('losses_first3')}"
+                    f"  rc={r.get('rc')}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["all", "build", "arm", "table"])
+    ap.add_argument("name", nargs="?")
+    ap.add_argument("--model", type=Path, default=Path("/tmp/llama8b"))
+    ap.add_argument("--tokenizer", type=Path, default=ROOT / ".bench_tok")
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--var-steps", type=int, default=8)
+    ap.add_argument("--deadline", type=float, default=540)
+    a = ap.parse_args()
+    tokdir = a.tokenizer if a.tokenizer and a.tokenizer.is_dir() else None
+    if a.cmd == "build":
+        build(a.model, tokdir)
+    elif a.cmd == "arm":
+        arm(a.name, a.model, a.json, a.steps, a.var_steps)
+    elif a.cmd == "table":
+        print(table(json.loads(Path(a.name).read_text())))
+    else:
+        run_all(a.model, a.out, a.arms.split(","), a.steps, a.var_steps, a.deadline, tokdir)
+
+
+if __name__ == "__main__":
+    main()
