@@ -78,4 +78,26 @@ export PYTHONUNBUFFERED=1
 if [[ "${JOB:-}" == "test" ]]; then
   exec "$PY" -m pytest -q tests "$@"
 fi
+
+# Several GPUs or nodes: every process runs the same job; rank 0 alone prepares, merges and evaluates.
+job="$("$PY" -m finetune.config --get JOB)"
+if [[ "$job" == "train" || "$job" == "resume_training" ]]; then
+  ngpu="$("$PY" -m finetune.config --get NUM_GPUS)"
+  visible=0
+  if gpu_present; then
+    if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then visible=$(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES")
+    else visible=$(nvidia-smi -L | grep -c '^GPU'); fi
+  fi
+  [[ "$ngpu" == "0" ]] && ngpu="$visible"
+  (( ngpu <= visible || visible == 0 )) || die "NUM_GPUS=$ngpu but only $visible GPU(s) are visible" 2
+  if [[ -n "${HOSTFILE:-}" ]]; then
+    [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE: no such file" 2
+    log "several nodes: DeepSpeed launcher with HOSTFILE=$HOSTFILE"
+    exec "$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" --module finetune
+  elif (( ngpu > 1 )) || (( ${NNODES:-1} > 1 )); then
+    log "launching $ngpu process(es) per node on ${NNODES:-1} node(s) (torchrun; DeepSpeed ZeRO config from DEEPSPEED_CONFIG)"
+    exec "$PY" -m torch.distributed.run --nproc_per_node "$ngpu" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m finetune
+  fi
+fi
 exec "$PY" -m finetune

@@ -279,7 +279,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
 
 # ----------------------------------------------------------------------------------------------------------
 def run_all(model_dir: Path, out: Path, arms: list[str], steps: int, var_steps: int, deadline_s: float,
-            tokenizer_dir: Path | None) -> None:
+            tokenizer_dir: Path | None, arm_timeout: float = 220) -> None:
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "arms.log", "a")
@@ -301,7 +301,8 @@ def run_all(model_dir: Path, out: Path, arms: list[str], steps: int, var_steps: 
         try:
             proc = subprocess.run([sys.executable, __file__, "arm", name, "--model", str(model_dir), "--json", str(jp),
                                    "--steps", str(steps), "--var-steps", str(var_steps)],
-                                  stdout=log, stderr=subprocess.STDOUT, env=env, timeout=left - 10, cwd=ROOT)
+                                  stdout=log, stderr=subprocess.STDOUT, env=env, timeout=min(left - 10, arm_timeout),
+                                  cwd=ROOT)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -349,7 +350,8 @@ def main() -> None:
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--var-steps", type=int, default=8)
-    ap.add_argument("--deadline", type=float, default=540)
+    ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole `all` run")
+    ap.add_argument("--arm-timeout", type=float, default=220, help="seconds for one arm")
     a = ap.parse_args()
     tokdir = a.tokenizer if a.tokenizer and a.tokenizer.is_dir() else None
     if a.cmd == "build":
@@ -359,7 +361,7 @@ def main() -> None:
     elif a.cmd == "table":
         print(table(json.loads(Path(a.name).read_text())))
     else:
-        run_all(a.model, a.out, a.arms.split(","), a.steps, a.var_steps, a.deadline, tokdir)
+        run_all(a.model, a.out, a.arms.split(","), a.steps, a.var_steps, a.deadline, tokdir, a.arm_timeout)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ PASSTHROUGH = {
     "WANDB_API_KEY", "WANDB_ENTITY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_BASE_URL", "HF_TOKEN",
     "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
     "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
-    "RAPA_NO_VENV", "RAPA_CACHE", "RAPA_FAULT", "PYTHON", "VENV",
+    "RAPA_NO_VENV", "RAPA_CACHE", "RAPA_FAULT", "PYTHON", "VENV", "HOSTFILE", "ENV_FILE", "WORLD_SIZE", "RANK",
+    "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
 }
 # Never printed, never saved: they stay in the environment where the libraries find them.
 SECRETS = ("WANDB_API_KEY", "HF_TOKEN")
@@ -309,6 +310,12 @@ def env_example() -> str:
 if __name__ == "__main__":
     if "--env-example" in sys.argv:
         print(env_example(), end="")
+    elif "--get" in sys.argv:  # run.sh asks for a value that may come from .env
+        name = sys.argv[sys.argv.index("--get") + 1]
+        try:
+            print(getattr(RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env")), name.lower()))
+        except ConfigError:
+            print(getattr(RunConfig(), name.lower()))  # the full error comes from the job itself
     elif "--check" in sys.argv:
         try:
             print(json.dumps(RunConfig.from_env().public_dict(), indent=1))

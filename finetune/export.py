@@ -15,6 +15,7 @@ against the safetensors, file type, tokenizer (model, vocabulary, EOS) and the c
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -83,7 +84,7 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
             base16 = files.get("f16") or files.get("bf16")
             if base16 is None:  # the quantiser wants a 16-bit source; make one aside and drop it after
                 base16 = _convert(src, Path(scratch) / f"{slug}-f16.gguf", "f16", Path(scratch), log)
-            files["q4_k_m"] = _quantise(base16, tmp / f"{slug}-q4_k_m.gguf", "q4_k_m", log)
+            files["q4_k_m"] = _quantise(base16, tmp / f"{slug}-q4_k_m.gguf", "q4_k_m", Path(scratch), log)
         for fmt, path in files.items():
             results[fmt] = verify_gguf(path, fmt, expect)
             r = results[fmt]
@@ -248,7 +249,7 @@ def _convert(src: Path, out: Path, fmt: str, scratch: Path, log=print) -> Path:
     return out
 
 
-def _quantise(src: Path, out: Path, fmt: str, log=print) -> Path:
+def _quantise(src: Path, out: Path, fmt: str, scratch: Path, log=print) -> Path:
     import ctypes
 
     import gguf
@@ -259,11 +260,36 @@ def _quantise(src: Path, out: Path, fmt: str, log=print) -> Path:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(gguf.LlamaFileType[QUANTISER_FORMATS[fmt]])
     params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    log_file = scratch / f"quantise-{fmt}.log"
+    with _native_output_to(log_file):  # llama.cpp prints a line per tensor on the C stdout/stderr
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    text = log_file.read_text(encoding="utf-8", errors="replace") if log_file.is_file() else ""
     if rc != 0 or not out.is_file():
-        raise PipelineError(f"llama.cpp quantisation to {fmt} failed (return code {rc})")
+        tail = "\n".join(text.splitlines()[-10:])
+        raise PipelineError(f"llama.cpp quantisation to {fmt} failed (return code {rc}); its last lines:\n{tail}")
+    for line in text.splitlines():
+        if "fallback quantization" in line:  # k-quants need rows of 256: other tensors get q5_0/q8_0 instead
+            log(f"[export]   llama.cpp: {line.split(': ', 1)[-1].strip()}")
     log(f"[export] {fmt}: {out.name} written ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
     return out
+
+
+@contextlib.contextmanager
+def _native_output_to(path: Path):
+    """Send what native code writes to file descriptors 1 and 2 into `path` for the duration of the block."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(path, "wb") as fh:
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------

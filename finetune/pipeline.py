@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from finetune.config import SECRETS, RunConfig, describe
+from finetune.dist import Dist
 from finetune.errors import ConfigError, PipelineError, ResourceError
 from finetune.paths import RunPaths
 from finetune.runlog import RunLog
@@ -35,12 +36,14 @@ def main(only: tuple[str, ...] | None = None) -> int:
     except ConfigError as e:
         return _fail(e)
     fault = os.environ.get("RAPA_FAULT", "")  # test-only; inert unless set
+    dist = Dist.from_env(os.environ)
     _setup_tracking(cfg)
-    print(f"[config] JOB={cfg.job}\n{describe(cfg)}", flush=True)
+    if dist.is_main:
+        print(f"[config] JOB={cfg.job}\n{describe(cfg)}", flush=True)
     paths = RunPaths.from_config(cfg)
-    runlog = RunLog(cfg, paths)
+    runlog = RunLog(cfg, paths, enabled=dist.is_main)
     try:
-        run(cfg, paths, runlog, fault, only)
+        run(cfg, paths, runlog, fault, only, dist)
     except PipelineError as e:
         runlog.finish(e.exit_code, str(e))
         return _fail(e)
@@ -60,8 +63,9 @@ def main(only: tuple[str, ...] | None = None) -> int:
     return 0
 
 
-def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: tuple[str, ...] | None = None) -> None:
-    """The table of contents of a job."""
+def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: tuple[str, ...] | None = None,
+        dist: Dist = Dist()) -> None:
+    """The table of contents of a job. With several processes, rank 0 does everything but training alone."""
     from finetune import model as model_lib
 
     stages = only or STAGES[cfg.job]
@@ -69,9 +73,15 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
         print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
         return
     _preflight(cfg, paths, stages)
-    base = model_lib.resolve_base(cfg)
+    dist.init()
+    base = model_lib.resolve_base(cfg) if dist.is_main else None
+    dist.barrier()  # the embedded model is converted once, by rank 0
+    base = base or model_lib.resolve_base(cfg)
     backend = model_lib.choose_backend(cfg)
-    print(f"[model] base {cfg.base_model_name} -> {base}; backend {backend.name} ({backend.why})", flush=True)
+    if dist.is_main:
+        print(f"[model] base {cfg.base_model_name} -> {base}; backend {backend.name} ({backend.why})", flush=True)
+    if not dist.is_main:
+        stages = tuple(s for s in stages if s == "train")
 
     if "prepare" in stages:
         with runlog.stage("prepare"):
@@ -87,13 +97,17 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
             from finetune.replay import build_replay
 
             build_replay(cfg, paths, base, backend.device)
+    dist.barrier()  # the other ranks read the prepared data rank 0 just wrote
     if "train" in stages:
         with runlog.stage("train"):
             from finetune.train import Faults, train
 
             tok, _ = model_lib.load_tokenizer(base, cfg)
-            adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training", faults=Faults.parse(fault))
+            adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training", faults=Faults.parse(fault),
+                             world_size=dist.world_size, is_main=dist.is_main)
             runlog.artefact("adapters", adapters)
+    if not dist.is_main:
+        return
     if "merge" in stages:
         with runlog.stage("merge"):
             from finetune.merge import merge

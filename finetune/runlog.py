@@ -14,8 +14,9 @@ from finetune.paths import RunPaths, atomic_write_text
 
 
 class RunLog:
-    def __init__(self, cfg: RunConfig, paths: RunPaths):
+    def __init__(self, cfg: RunConfig, paths: RunPaths, enabled: bool = True):
         self.path = paths.run_json
+        self.enabled = enabled  # only rank 0 writes
         prev = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.data = {"config": cfg.public_dict(), "jobs": prev.get("jobs", []), "stages": prev.get("stages", {}),
                      "artefacts": prev.get("artefacts", {})}
@@ -40,6 +41,8 @@ class RunLog:
             self._write()
 
     def artefact(self, name: str, path: Path) -> None:
+        if not self.enabled:
+            return
         path = Path(path)
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         root = path.parent if path.is_file() else path
@@ -58,6 +61,8 @@ class RunLog:
         self._write()
 
     def _write(self) -> None:
+        if not self.enabled:
+            return
         atomic_write_text(self.path, json.dumps(self.data, indent=1, ensure_ascii=False, default=str) + "\n")
 
 

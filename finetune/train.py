@@ -68,7 +68,18 @@ class TrainPlan:
 
 def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int = 1) -> TrainPlan:
     logical = 8 if cfg.batch_size == "auto" else int(cfg.batch_size)
-    micro, accum = logical, cfg.grad_accum
+    # The effective batch is BATCH_SIZE x GRAD_ACCUM whatever the number of processes, so a run moved from 1 to N
+    # GPUs trains the same thing: each process takes 1/N of it.
+    total = logical * cfg.grad_accum
+    if total % world_size:
+        raise ConfigError(f"effective batch BATCH_SIZE x GRAD_ACCUM = {total} does not split over {world_size} processes; "
+                          f"make it a multiple of {world_size}")
+    if world_size > 1:
+        share = total // world_size
+        logical = max(d for d in range(1, min(logical, share) + 1) if share % d == 0)
+        micro, accum = logical, share // logical
+    else:
+        micro, accum = logical, cfg.grad_accum
     grad_ckpt = cfg.gradient_checkpointing
     keep, notes = 0, []
     if backend.device == "cuda":
@@ -76,7 +87,7 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
 
         # BATCH_SIZE=auto (or any value) on a GPU: the same effective batch, cut into micro-batches that fit.
         shape = autotune.model_shape(cfg)
-        c = autotune.choose_micro_batch(cfg, logical, cfg.grad_accum, grad_ckpt, backend.name, shape,
+        c = autotune.choose_micro_batch(cfg, logical, accum, grad_ckpt, backend.name, shape,
                                         max_micro=None if cfg.batch_size == "auto" else logical)
         micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
         notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + autotune.describe(c, shape["layers"]))
@@ -128,7 +139,7 @@ def data_fingerprint(paths: RunPaths) -> str:
 
 # ----------------------------------------------------------------------------------------------------
 def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Backend, resume: bool,
-          faults: Faults | None = None, world_size: int = 1, log=print) -> Path:
+          faults: Faults | None = None, world_size: int = 1, is_main: bool = True, log=print) -> Path:
     """Train and write the adapter to `paths.adapters`; return that folder."""
     faults = faults or Faults()
     train_rows, eval_rows = load_rows(paths, cfg)
@@ -137,7 +148,9 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     if backend.device == "cuda":
         cap_gpu_memory(cfg)
     p = plan(cfg, backend, len(train_rows), world_size)
-    resume_from = _resume_point(cfg, paths, resume, p, log)
+    if not is_main:
+        log = lambda *a, **k: None  # noqa: E731 - one voice: rank 0 speaks for the run
+    resume_from = _resume_point(cfg, paths, resume, p, log, is_main)
 
     # The seed goes first: LoRA initialisation draws from it.
     from transformers import set_seed
@@ -161,16 +174,16 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
         last = checkpoints.newest_complete(paths.checkpoints, log)
         raise Interrupted(f"stopped by {stop.received} at step {trainer.state.global_step}; saved {last}. "
                           "Continue with JOB=resume_training ./run.sh")
-    return _save_adapter(cfg, paths, trainer, tok, p)
+    return _save_adapter(cfg, paths, trainer, tok, p, is_main)
 
 
-def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, log) -> Path | None:
+def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, log, is_main: bool = True) -> Path | None:
     existing = checkpoints.list_checkpoints(paths.checkpoints)
     if not resume:
         if existing and not cfg.overwrite:
             raise ConfigError(f"CHECKPOINT_PATH={paths.checkpoints} already holds {len(existing)} checkpoint(s) of an "
                               "earlier run: continue it with JOB=resume_training, or start over with OVERWRITE=1")
-        if existing:
+        if existing and is_main:
             log(f"[train] OVERWRITE=1: removing {len(existing)} old checkpoint(s) in {paths.checkpoints}")
             for _, c in existing:
                 shutil.rmtree(c)
@@ -180,6 +193,11 @@ def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, l
         raise ConfigError(f"JOB=resume_training: no complete checkpoint in {paths.checkpoints} to resume from; "
                           "start with JOB=train")
     checkpoints.require_compatible(ckpt, fingerprint(cfg, p, paths))
+    saved_world = checkpoints.read_manifest(ckpt).get("world_size", 1)
+    if saved_world != p.world_size:
+        # Optimizer state and the data order are per process (sharded under DeepSpeed ZeRO): not portable.
+        raise ConfigError(f"{ckpt} was written by {saved_world} process(es), this run has {p.world_size}: resume on "
+                          f"{saved_world} GPU(s) (NUM_GPUS={saved_world}), or start over with JOB=train OVERWRITE=1")
     log(f"[resume] continuing from {ckpt} (step {checkpoints.read_manifest(ckpt)['step']})")
     return ckpt
 
@@ -253,6 +271,8 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
         padding_free=p.padding_free,
         gradient_checkpointing=False,  # set on the model by model.load_for_training
         use_cpu=not cuda,
+        deepspeed=deepspeed_config(cfg, p),
+        ddp_find_unused_parameters=False if p.world_size > 1 else None,
         dataloader_num_workers=0,
         disable_tqdm=False,
         save_only_model=False,
@@ -265,14 +285,36 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
                               processing_class=tok, callbacks=callbacks, faults=faults)
 
 
-def _save_adapter(cfg, paths: RunPaths, trainer, tok, p: TrainPlan) -> Path:
+def _save_adapter(cfg, paths: RunPaths, trainer, tok, p: TrainPlan, is_main: bool = True) -> Path:
+    # save_model is collective under DeepSpeed (ZeRO-3 gathers the shards); rank 0 writes, then publishes.
+    staging = paths.checkpoints / "adapter-staging"
+    trainer.save_model(str(staging))
+    if not is_main:
+        return paths.adapters
     with atomic_dir(paths.adapters) as tmp:
-        trainer.model.save_pretrained(tmp, safe_serialization=True)
+        for f in staging.iterdir():
+            if f.name != "training_args.bin":  # a pickle; the config below says the same in JSON
+                shutil.move(str(f), tmp / f.name)
         tok.save_pretrained(tmp)  # the training chat template travels with the adapter
         info = {"base_model_name": cfg.base_model_name, "global_step": trainer.state.global_step,
-                "effective_batch": p.effective_batch, "backend": p.backend, "config": cfg.public_dict()}
+                "effective_batch": p.effective_batch, "world_size": p.world_size, "backend": p.backend,
+                "config": cfg.public_dict()}
         (tmp / "training_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    shutil.rmtree(staging, ignore_errors=True)
     return paths.adapters
+
+
+DEEPSPEED_DEFAULT = Path(__file__).resolve().parent.parent / "configs" / "deepspeed" / "zero2.json"
+
+
+def deepspeed_config(cfg: RunConfig, p: TrainPlan) -> str | None:
+    """DeepSpeed for several GPUs (ZeRO-2 by default for LoRA); plain DDP on CPUs (gloo)."""
+    if p.world_size == 1 or p.device != "cuda":
+        return None
+    path = Path(cfg.deepspeed_config) if cfg.deepspeed_config else DEEPSPEED_DEFAULT
+    if not path.is_file():
+        raise ConfigError(f"DEEPSPEED_CONFIG={path}: no such file")
+    return str(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -329,6 +371,10 @@ class _SealCallback(TrainerCallback):
         self.cfg, self.paths, self.plan, self.log = cfg, paths, p, log
 
     def on_save(self, args, state, control, **kw):
+        import torch.distributed as td
+
+        if td.is_available() and td.is_initialized():
+            td.barrier()  # every rank has written its part (DeepSpeed shards) before rank 0 seals
         if not state.is_world_process_zero:
             return
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
