@@ -11,8 +11,6 @@ import hashlib
 import json
 import statistics
 from collections import Counter
-from pathlib import Path
-
 from tqdm import tqdm
 
 from finetune.config import RunConfig
@@ -26,6 +24,8 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
     """Run the gate over DATA_PATH with tokenizer `tok`; return the stats written to data_stats.json."""
     fmt = cfg.data_format
     seen: dict[bytes, str] = {}
+    formats: Counter = Counter()             # kept rows per format
+    first_at: dict[str, list[str]] = {}      # format -> where its first rows are (to name a mixed file's lines)
     reasons: Counter = Counter()
     lengths, supervised = [], []
     n_in = n_train = n_eval = truncated = 0
@@ -78,6 +78,9 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
             if enc.supervised == 0:
                 reject(row, "no supervised tokens (nothing for the model to learn)")
                 continue
+            formats[row_fmt] += 1
+            if len(first_at.setdefault(row_fmt, [])) < 5:
+                first_at[row_fmt].append(row.where)
             lengths.append(enc.full_length)
             supervised.append(enc.supervised)
             record = json.dumps({"id": row.where, "format": row_fmt, **norm}, ensure_ascii=False) + "\n"
@@ -93,7 +96,7 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
             fh.close()
 
         n_rej = sum(reasons.values())
-        _check_mixed_formats(tmp / "train.jsonl", tmp / "eval.jsonl", fmt)
+        _check_mixed_formats(formats, first_at)
         stats = _stats(cfg, fmt, n_in, n_train, n_eval, n_rej, truncated, reasons, lengths, supervised)
         (tmp / "data_stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
         _gate(cfg, stats, reasons)
@@ -108,18 +111,10 @@ def _is_eval(key: bytes, cfg: RunConfig) -> bool:
     return (h % 1_000_000) < cfg.eval_fraction * 1_000_000
 
 
-def _check_mixed_formats(train: Path, eval_: Path, fmt: str) -> None:
-    if fmt != "auto":
-        return
-    where: dict[str, list[str]] = {}
-    for f in (train, eval_):
-        with open(f, encoding="utf-8") as fh:
-            for line in fh:
-                r = json.loads(line)
-                where.setdefault(r["format"], []).append(r["id"])
-    if len(where) > 1:
-        major = max(where, key=lambda k: len(where[k]))
-        others = "; ".join(f"{k} at {', '.join(sorted(set(v))[:5])}" for k, v in where.items() if k != major)
+def _check_mixed_formats(formats: Counter, first_at: dict[str, list[str]]) -> None:
+    if len(formats) > 1:
+        major = formats.most_common(1)[0][0]
+        others = "; ".join(f"{k} at {', '.join(first_at[k])}" for k in formats if k != major)
         raise DataError(f"DATA_PATH mixes formats: mostly {major}, but {others}. Split the file or set DATA_FORMAT")
 
 

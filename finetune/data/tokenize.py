@@ -85,8 +85,11 @@ def encode(tok, row: dict, max_len: int, train_on_inputs: bool = False) -> Encod
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = enc["input_ids"]
         labels = [IGNORE] * len(ids)
+        j = 0  # spans are sorted and disjoint: one pass over the tokens
         for i, (start, end) in enumerate(enc["offset_mapping"]):
-            if train_on_inputs or any(s <= start < e for s, e in spans) and end > start:
+            while j < len(spans) and start >= spans[j][1]:
+                j += 1
+            if train_on_inputs or (j < len(spans) and spans[j][0] <= start and end > start):
                 labels[i] = ids[i]
     full = len(ids)
     ids, labels = ids[:max_len], labels[:max_len]
@@ -100,7 +103,7 @@ def _spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         if m["role"] != "assistant":
             continue
         before = render(tok, messages[:i], add_generation_prompt=True) if i else ""
-        upto = render(tok, messages[: i + 1])
+        upto = full if i == len(messages) - 1 else render(tok, messages[: i + 1])
         if not (upto.startswith(before) and full.startswith(upto)):
             raise TemplateError("the chat template does not render conversations incrementally; set CHAT_TEMPLATE")
         spans.append((len(before), len(upto)))

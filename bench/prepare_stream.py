@@ -1,0 +1,49 @@
+"""Benchmark: the prepare stage on N synthetic alpaca rows (time, rows/s, peak RSS), to show it streams.
+
+    .venv/bin/python bench/prepare_stream.py 100000
+Runs in a fresh process per size so peak RSS is that size's alone.
+"""
+
+import json
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def make(path: Path, n: int) -> None:
+    rnd = random.Random(0)
+    words = "the model learns a new fact about rivers cities music 한국어 문장 데이터 학습 and numbers".split()
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            ins = " ".join(rnd.choice(words) for _ in range(rnd.randint(5, 40)))
+            out = " ".join(rnd.choice(words) for _ in range(rnd.randint(5, 80)))
+            fh.write(json.dumps({"instruction": f"{i}: {ins}", "input": "", "output": out}, ensure_ascii=False) + "\n")
+
+
+def main(n: int) -> dict:
+    from finetune.config import RunConfig
+    from finetune.data.prepare import prepare
+    from finetune.embedded import materialize
+    from finetune.model import load_tokenizer
+    from finetune.paths import RunPaths
+
+    tmp = Path(tempfile.mkdtemp())
+    data = tmp / "alpaca.jsonl"
+    make(data, n)
+    cfg = RunConfig(data_path=str(data), base_save_path=str(tmp / "out"), eval_fraction=0.01)
+    tok, _ = load_tokenizer(str(materialize()), cfg)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t = time.time()
+    stats = prepare(cfg, RunPaths.from_config(cfg), tok)
+    dt = time.time() - t
+    return {"rows": n, "seconds": round(dt, 1), "rows_per_s": round(n / dt), "kept": stats["kept"],
+            "rss_before_mb": round(rss0), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(int(sys.argv[1]))))
