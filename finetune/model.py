@@ -146,6 +146,9 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckp
         kwargs["attn_implementation"] = "sdpa"
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     _match_vocab(model, tok)
+    # No KV cache in training: it is useless there, and its presence turns off transformers' block-diagonal
+    # masking of packed rows (PACKING / padding-free would then attend across row boundaries).
+    model.config.use_cache = False
     if cfg.use_qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -7,7 +7,6 @@ of the error paths, the format list and the Modelfile.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import namedtuple
 from pathlib import Path
 
@@ -76,7 +75,7 @@ def test_export_writes_gguf_and_modelfile_next_to_merged(exported):
     assert out == paths.gguf and out.name == "qlora_gguf" and out.parent == paths.merged.parent
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted([f"{SLUG}-f16.gguf", f"{SLUG}-q8_0.gguf", "Modelfile", "export.json"])
-    assert not list(out.parent.glob(".tmp-*")), "the atomic temp folder was left behind"
+    assert not list(out.parent.glob(".tmp-*")) and not list(out.parent.glob(".export-scratch-*")), "temp folders left"
     f16, q8 = out / f"{SLUG}-f16.gguf", out / f"{SLUG}-q8_0.gguf"
     assert q8.stat().st_size < 0.6 * f16.stat().st_size
     assert all(line.startswith("[export]") for line in lines)
@@ -171,6 +170,7 @@ def test_failed_conversion_is_a_pipeline_error_and_writes_nothing(tmp_path, smol
     with pytest.raises(PipelineError, match="conversion to q8_0 failed"):
         export(cfg, paths, log=lambda s: None)
     assert not paths.gguf.exists() and not list(paths.run_dir.glob(".tmp-*"))
+    assert not list(paths.run_dir.glob(".export-scratch-*"))
 
 
 def test_format_list():
