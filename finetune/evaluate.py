@@ -115,18 +115,38 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
 
     results = {}
     for label in ("base", "finetuned"):
-        model = _load(label, base, tuned_dir, paths, tok, device)
-        preds, _ = generate(model, tok, qs, cfg.eval_max_new_tokens, device, f"evaluate {label}")
-        probe_preds, _ = generate(model, tok, pr, cfg.eval_max_new_tokens, device, f"retention {label}") if pr else ([], [])
+        preds, probe_preds = _answers(label, cfg, base, tuned_dir, paths, tok, qs, pr, device)
         results[label] = {"scores": score(qs, preds), "preds": preds,
                           "probe_ok": [contains_match(p, it["answers"]) for p, it in zip(probe_preds, pr)],
                           "probe_preds": probe_preds}
-        del model
 
     report = _report(cfg, paths, qs, pr, results)
     _write(paths, report)
     log(summary(report, paths))
     return report
+
+
+def _answers(label, cfg, base, tuned_dir, paths, tok, qs, pr, device) -> tuple[list[str], list[str]]:
+    """Greedy answers to the questions and probes. The base model's are cached: they depend only on the base,
+    the prompts and the generation length, and every run of the same base would otherwise recompute them."""
+    import hashlib
+
+    from finetune.embedded import cache_root
+
+    key = None
+    if label == "base":
+        ident = json.dumps([model_lib.model_identity(base), tok.chat_template, cfg.eval_max_new_tokens, [q["messages"] for q in qs],
+                            [p["messages"] for p in pr], device], ensure_ascii=False)
+        key = cache_root() / "eval" / (hashlib.sha256(ident.encode()).hexdigest()[:20] + ".json")
+        if key.is_file():
+            cached = json.loads(key.read_text(encoding="utf-8"))
+            return cached["preds"], cached["probe_preds"]
+    model = _load(label, base, tuned_dir, paths, tok, device)
+    preds, _ = generate(model, tok, qs, cfg.eval_max_new_tokens, device, f"evaluate {label}")
+    probe_preds, _ = generate(model, tok, pr, cfg.eval_max_new_tokens, device, f"retention {label}") if pr else ([], [])
+    if key is not None:
+        atomic_write_text(key, json.dumps({"preds": preds, "probe_preds": probe_preds}, ensure_ascii=False))
+    return preds, probe_preds
 
 
 def _load(label, base, tuned_dir, paths, tok, device):

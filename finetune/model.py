@@ -193,3 +193,11 @@ def load_plain(base: str, tok, device: str = "cpu", dtype=None):
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype or compute_dtype(device))
     _match_vocab(model, tok)
     return model.to(device).eval()
+
+
+def model_identity(base: str) -> str:
+    """What identifies a base model's weights for caches: its config and its weight files' names and sizes."""
+    cfgf = Path(base) / "config.json"
+    weights = sorted(Path(base).glob("*.safetensors"))
+    stamp = "".join(f"{w.name}:{w.stat().st_size}" for w in weights)
+    return (cfgf.read_text() if cfgf.is_file() else base) + stamp

@@ -21,7 +21,7 @@ PROMPTS = Path(__file__).resolve().parent.parent / "data" / "retention" / "repla
 
 def build_replay(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", max_new_tokens: int = 128) -> Path:
     prompts = json.loads(PROMPTS.read_text(encoding="utf-8"))
-    key = hashlib.sha256((json.dumps(prompts) + _model_id(base) + cfg.chat_template + str(max_new_tokens)).encode()).hexdigest()[:16]
+    key = hashlib.sha256((json.dumps(prompts) + model_lib.model_identity(base) + cfg.chat_template + str(max_new_tokens)).encode()).hexdigest()[:16]
     cached = embedded.cache_root() / "replay" / f"{cfg.model_slug}-{key}.jsonl"
     if not cached.is_file():
         from finetune.generation import generate
@@ -38,10 +38,3 @@ def build_replay(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu"
     paths.data_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(cached, paths.replay_file)
     return paths.replay_file
-
-
-def _model_id(base: str) -> str:
-    cfgf = Path(base) / "config.json"
-    weights = sorted(Path(base).glob("*.safetensors"))
-    stamp = "".join(f"{w.name}:{w.stat().st_size}" for w in weights)
-    return (cfgf.read_text() if cfgf.is_file() else base) + stamp
