@@ -95,7 +95,7 @@ class RunConfig:
     # --- merge, export, evaluate
     merge_parity: str = _f("on", "on | off: compare adapter-on-base with the merged model before accepting it", ("on", "off"))
     merge_parity_tol: float = _f(1e-3, "largest allowed max-abs logit difference (relative to logit scale) in the parity gate")
-    export_gguf: str = _f("", "after merge also write GGUF: comma list of f16, q8_0 (empty = no export)")
+    export_gguf: str = _f("", "after merge also write GGUF: comma list of f16, q8_0, bf16, q4_k_m (empty = no export)")
     eval_max_new_tokens: int = _f(48, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score ('' = off)")
@@ -207,7 +207,8 @@ class RunConfig:
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
              f"TARGET_MODULES={self.target_modules!r}: comma-separated module names such as q_proj,v_proj, or all-linear")
         for fmt in filter(None, self.export_gguf.split(",")):
-            need(fmt.strip() in ("f16", "q8_0", "bf16"), f"EXPORT_GGUF={self.export_gguf!r}: allowed are f16, q8_0, bf16")
+            need(fmt.strip() in ("f16", "q8_0", "bf16", "q4_k_m"),
+                 f"EXPORT_GGUF={self.export_gguf!r}: allowed are f16, q8_0, bf16, q4_k_m (q4_k_m needs llama-cpp-python)")
         need(self.chat_template in ("auto", "chatml", "alpaca", "llama-3"),
              f"CHAT_TEMPLATE={self.chat_template!r}: allowed are auto, chatml, alpaca, llama-3")
         return p
