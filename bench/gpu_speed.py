@@ -33,7 +33,7 @@ LLAMA_31_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=3
 SEQ = 2048
 WARMUP = 3            # steps excluded from the timing
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)   # the pipeline's defaults, used by every arm
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)    # the pipeline's defaults, used by every arm
 SEED = 42
 
 # name -> (kind, environment for "ours" arms)
@@ -44,6 +44,8 @@ ARMS = {
     "ours_24g": ("ours", {"MAX_GPU_MEMORY": "24"}),
     "ours_offload": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "GRADIENT_CHECKPOINTING": "offload"}),
     "ours_12g": ("ours", {"MAX_GPU_MEMORY": "12"}),
+    "ours_mb4": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),            # micro-batch capped at 4
+    "ours_d005": ("ours", {"LORA_DROPOUT": "0.05"}),
 }
 
 
@@ -255,10 +257,15 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
         from finetune.paths import RunPaths
 
         train_lib.cap_gpu_memory(cfg)
-        p = train_lib.plan(cfg, backend, len(fixed_ds))
-        result["plan"] = {"backend": backend.name, "why": backend.why, "micro_batch": p.micro_batch,
-                          "grad_accum": p.grad_accum, "grad_ckpt": p.grad_ckpt, "keep_layers": p.keep_layers,
-                          "padding_free": p.padding_free, "notes": p.notes, "effective_batch": p.effective_batch}
+        p = train_lib.plan(cfg, backend, len(fixed_ds), lengths=[len(x) for x in fixed_ds["input_ids"]])
+        # The variable-length workload is planned from its own lengths, with the loaded model's checkpointing.
+        forced = dataclasses.replace(cfg, gradient_checkpointing=p.grad_ckpt)
+        p_var = train_lib.plan(forced, backend, len(var_ds), lengths=[len(x) for x in var_ds["input_ids"]],
+                               keep_fixed=p.keep_layers if p.grad_ckpt == "partial" else None)
+        show = lambda q: {"backend": backend.name, "why": backend.why, "micro_batch": q.micro_batch,
+                          "grad_accum": q.grad_accum, "grad_ckpt": q.grad_ckpt, "keep_layers": q.keep_layers,
+                          "padding_free": q.padding_free, "notes": q.notes, "effective_batch": q.effective_batch}
+        result["plan"], result["plan_var"] = show(p), show(p_var)
         from transformers import set_seed
 
         set_seed(cfg.seed)
@@ -269,7 +276,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
 
         def make(ds, n):
             c = dataclasses.replace(cfg, max_steps=n)
-            return train_lib._build_trainer(c, paths, model, tok, p, ds, None, train_lib.Faults(), print)
+            q = p_var if ds is var_ds else p
+            return train_lib._build_trainer(c, paths, model, tok, q, ds, None, train_lib.Faults(), print)
     result["load_s"] = round(time.time() - t0, 1)
     dump()
     run_workloads(make, fixed_ds, var_ds, steps, var_steps, result, dump)
@@ -320,7 +328,7 @@ def table(summary: dict) -> str:
     base = arms.get("hf", {}).get("fixed", {}).get("tokens_per_s")
     base_v = arms.get("hf", {}).get("var", {}).get("useful_tokens_per_s")
     raw = arms.get("unsloth_raw", {}).get("fixed", {}).get("tokens_per_s")
-    rows = [f"{'arm':<13} {'plan':<34} {'fixed tok/s':>11} {'xHF':>5} {'xUns':>5} {'peakA/R GiB':>12} "
+    rows = [f"{'arm':<13} {'plan':<44} {'fixed tok/s':>11} {'xHF':>5} {'xUns':>5} {'peakA/R GiB':>12} "
             f"{'var useful/s':>12} {'xHF':>5} {'peakA':>6}  first-3 losses (fixed)"]
     for name, r in arms.items():
         if "skipped" in r:
@@ -329,10 +337,13 @@ def table(summary: dict) -> str:
         p = r.get("plan", {})
         plan = f"mb{p.get('micro_batch')}x{p.get('grad_accum')} ckpt={p.get('grad_ckpt')}" + (
             f"/{p.get('keep_layers')}" if p.get("grad_ckpt") == "partial" else "") + (" pf" if p.get("padding_free") is True else "")
+        pv = r.get("plan_var")
+        if pv and pv.get("micro_batch") != p.get("micro_batch"):
+            plan += f" var:mb{pv['micro_batch']}x{pv['grad_accum']}"
         f, v = r.get("fixed", {}), r.get("var", {})
         ft, vt = f.get("tokens_per_s"), v.get("useful_tokens_per_s")
         x = lambda a, b: f"{a / b:.2f}" if a and b else "-"
-        rows.append(f"{name:<13} {plan:<34} {ft or f.get('error', '-')[:11] if f else '-':>11} {x(ft, base):>5} {x(ft, raw):>5} "
+        rows.append(f"{name:<13} {plan:<44} {ft or f.get('error', '-')[:11] if f else '-':>11} {x(ft, base):>5} {x(ft, raw):>5} "
                     f"{str(f.get('peak_alloc_gib', '-')) + '/' + str(f.get('peak_reserved_gib', '-')):>12} "
                     f"{vt or '-':>12} {x(vt, base_v):>5} {str(v.get('peak_alloc_gib', '-')):>6}  {f.get('losses_first3')}"
                     f"  rc={r.get('rc')}")
@@ -346,6 +357,7 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=Path("/tmp/llama8b"))
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".bench_tok")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--steps", type=int, default=10)
@@ -355,7 +367,7 @@ def main() -> None:
     a = ap.parse_args()
     tokdir = a.tokenizer if a.tokenizer and a.tokenizer.is_dir() else None
     if a.cmd == "build":
-        build(a.model, tokdir)
+        build(a.model, tokdir, a.vocab)
     elif a.cmd == "arm":
         arm(a.name, a.model, a.json, a.steps, a.var_steps)
     elif a.cmd == "table":

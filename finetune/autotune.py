@@ -11,11 +11,15 @@ The user's effective batch (BATCH_SIZE, default 8, x GRAD_ACCUM x GPUs) is fixed
 Every (micro-batch, mode) whose estimated peak fits the budget (0.85 of the GPU, or of MAX_GPU_MEMORY) is scored
 with a relative time per token, and the cheapest is taken:
 
-    time/token ~ (1 + D / tokens_per_micro_batch) x (1 + RECOMPUTE x share of layers recomputed) [x offload cost]
+    time/token ~ D / tokens_per_micro_batch + 1 + RECOMPUTE[mode] x share of layers recomputed
 
-D is the fixed cost of one micro-batch in tokens (mostly dequantising the NF4 weights for forward and backward,
-about 330 tokens' worth of matrix work for an 8B model), so a bigger micro-batch is worth a few percent, while
-recomputing costs about a third of a layer's forward+backward: keeping activations wins whenever it fits.
+D is the fixed cost of one micro-batch, in tokens' worth of work: measured on an H100 with Unsloth on an 8B QLoRA
+model, a micro-batch costs ~0.18 s of host-side launching and dequantisation besides ~57 us per token, so D ~ 3200
+and a micro-batch of one 2048-token row runs at half the speed of one of four. Recomputing (Unsloth's offloaded
+checkpointing) costs +56% per recomputed layer. So: keep activations where they fit, and make micro-batches big.
+
+Token counts come from the data when it is known: padding-free micro-batches hold the sum of their rows' lengths
+(the peak is taken at the `micro` longest rows), padded ones `micro` x the longest row.
 The memory model is an estimate from the model's shape, calibrated on an H100 (docs/BENCHMARKS.md).
 """
 
@@ -23,13 +27,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MARGIN = 0.85          # share of the GPU (or of MAX_GPU_MEMORY) the estimate may fill
-RECOMPUTE = 0.33       # extra time for recomputing one layer's forward, relative to its forward+backward
-OFFLOAD_COST = 0.04    # host<->device copies of the saved layer inputs
+MARGIN = 0.90          # share of the GPU (or of MAX_GPU_MEMORY) the estimate may fill (it is itself ~1-3 GiB high)
 GIB = 2**30
+# Extra time per token for a recomputed layer, relative to a kept one. H100, Llama-3.1-8B QLoRA, Unsloth's
+# offloaded checkpointing: 0.36-0.41 with LoRA dropout 0, 0.56 with dropout 0.05 (the masks are replayed).
+RECOMPUTE = {"off": 0.0, "partial": 0.4, "on": 0.45, "offload": 0.4}
+RECOMPUTE_DROPOUT = 0.16
+# Fixed cost of one micro-batch in tokens' worth of work (H100, 8B, Unsloth, QLoRA: 0.18 s / 57 us per token).
+FIXED_TOKENS = {"qlora": 3200.0, "lora": 2000.0}
 
-# Saved activations per token per decoder layer, in bf16 values: a*hidden + b*intermediate (calibrated).
-ACT = {"unsloth": (6.0, 3.0), "hf": (10.0, 4.0)}
+# Saved activations per token per decoder layer, in bf16 values: a*hidden + b*intermediate. Unsloth, measured on
+# Llama-3.1-8B (H100): 120 KB per token per layer with LoRA dropout 0 (1.83 GiB per kept layer at 8 x 2048
+# tokens), plus ~37 KB of dropout masks (one byte per LoRA input element) with dropout > 0.
+ACT = {"unsloth": (4.8, 2.8), "hf": (10.0, 4.0)}
 
 
 @dataclass(frozen=True)
@@ -44,15 +54,20 @@ class Choice:
 
 
 def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: str = "hf",
-                       shape: dict | None = None, budget: float | None = None, max_micro: int | None = None) -> Choice:
+                       shape: dict | None = None, budget: float | None = None, max_micro: int | None = None,
+                       lengths: list[int] | None = None, padding_free: bool = False,
+                       keep_fixed: int | None = None) -> Choice:
     """The fastest (micro-batch, checkpointing) that fits; micro x accum == logical x GRAD_ACCUM always.
 
     max_micro: an explicit BATCH_SIZE is a ceiling (only split further when it does not fit); with
-    BATCH_SIZE=auto accumulation steps may also be merged into one larger micro-batch."""
+    BATCH_SIZE=auto accumulation steps may also be merged into one larger micro-batch.
+    lengths: the tokenised rows' lengths, when known (else every row counts as MAX_SEQ_LENGTH).
+    keep_fixed: under a forced "partial", the number of kept layers of an already loaded model."""
     shape = shape or model_shape(cfg)
     budget = budget if budget is not None else budget_bytes(cfg)
     total = logical * accum
     seq = cfg.max_seq_length
+    peak_tokens, mean_tokens = token_counts(lengths, seq, padding_free)
     L = shape["layers"]
     if grad_ckpt == "auto":
         modes = ["off", "partial", "offload"] if backend == "unsloth" else ["off", "on"]
@@ -63,22 +78,38 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: s
     best: tuple | None = None
     for micro in sorted({d for d in range(1, (max_micro or total) + 1) if total % d == 0}):
         for mode in modes:
-            keeps = range(L - 1, 0, -1) if mode == "partial" else [L if mode == "off" else 0]
+            if mode == "partial":
+                keeps = [keep_fixed] if keep_fixed is not None else range(L - 1, 0, -1)
+            else:
+                keeps = [L if mode == "off" else 0]
             for keep in keeps:
-                need = estimate_bytes(shape, micro, seq, mode, cfg.use_qlora, backend, keep)
+                need = estimate_bytes(shape, 1, peak_tokens(micro), mode, cfg.use_qlora, backend, keep, cfg.lora_rank,
+                                      cfg.lora_dropout)
                 if need > budget:
                     continue
-                t = time_per_token(shape, micro, seq, mode, cfg.use_qlora, keep)
+                t = time_per_token(shape, mean_tokens(micro), mode, cfg.use_qlora, keep, cfg.lora_dropout)
                 cand = (t, -micro, Choice(micro, total // micro, mode, keep, need, budget))
                 if best is None or cand[:2] < best[:2]:
                     best = cand
                 break  # the largest K that fits is the fastest partial for this micro-batch
     if best is not None:
         return best[2]
-    lean = modes[-1] if modes[-1] != "off" else "off"
-    need = estimate_bytes(shape, 1, seq, lean, cfg.use_qlora, backend, 0)
+    lean = modes[-1]
+    need = estimate_bytes(shape, 1, peak_tokens(1), lean, cfg.use_qlora, backend, keep_fixed or 0, cfg.lora_rank,
+                          cfg.lora_dropout)
     return Choice(1, total, lean, 0, need, budget,
                   note=f"nothing fits the estimate ({need / GIB:.1f} GiB > {budget / GIB:.1f} GiB): trying the leanest")
+
+
+def token_counts(lengths: list[int] | None, seq: int, padding_free: bool):
+    """(peak tokens of a micro-batch of m rows, mean tokens of one) as functions of m."""
+    if not lengths:
+        return (lambda m: m * seq), (lambda m: m * seq)
+    lens = sorted((min(n, seq) for n in lengths), reverse=True)
+    mean = sum(lens) / len(lens)
+    if padding_free:
+        return (lambda m: sum(lens[:m]) + 8 * m), (lambda m: m * mean)
+    return (lambda m: m * lens[0]), (lambda m: m * lens[0])
 
 
 def budget_bytes(cfg) -> float:
@@ -113,36 +144,44 @@ def shape_from_config(c: dict) -> dict:
 
 
 def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, backend: str = "hf",
-                   keep: int = 0, lora_rank: int = 16) -> float:
-    """Peak bytes on the GPU: weights + LoRA states + saved activations + logits + workspace."""
+                   keep: int = 0, lora_rank: int = 16, dropout: float = 0.0) -> float:
+    """Peak bytes on the GPU: weights + LoRA states + saved activations + logits + workspace.
+
+    Checked against the H100 runs in docs/BENCHMARKS.md (Llama-3.1-8B QLoRA, Unsloth): estimate vs measured
+    peak allocated 50.5 vs 49.1 GiB (8 x 2048 tokens, 23 layers kept), 12.2 vs 10.7 (2 kept), 7.7 vs 7.5
+    (4 x 2048, offload); with dropout 0.05: 45.8 vs 45.4 (4 x 2048, none recomputed), 16.6 vs 15.9 (1 x 2048)."""
     h, inter, L, vocab = shape["hidden"], shape["inter"], shape["layers"], shape["vocab"]
     weights = shape["layer_params"] * (0.53 if qlora else 2.0) + shape["embed_params"] * 2
     lora = shape["lora_in_out"] * lora_rank * 12          # fp32 weight + grad + 8-bit Adam moments, generous
     tokens = micro * seq
-    a, b = ACT["unsloth" if backend == "unsloth" else "hf"]
+    unsloth = backend == "unsloth"
+    a, b = ACT["unsloth" if unsloth else "hf"]
     layer = tokens * (a * h + b * inter) * 2               # one layer's saved activations (bf16)
+    if unsloth and dropout > 0:
+        layer += tokens * (6 * h + inter)                  # dropout masks
     layer_input = tokens * h * 2
+    recompute = 0.5 * layer if unsloth else layer          # one layer being recomputed in backward
     if mode == "off":
         acts = L * layer
-    elif mode == "partial":
-        acts = keep * layer + (L - keep) * layer_input + layer
+    elif mode == "partial":                                # Unsloth: the other layers' inputs go to host memory
+        acts = keep * layer + 2 * layer_input + recompute
     elif mode == "on":
-        acts = L * layer_input + layer
+        acts = L * layer_input + recompute
     else:  # offload: inputs in host memory, a couple in flight
-        acts = 2 * layer_input + layer
-    if backend == "unsloth":
-        logits = tokens * vocab * 1.0                      # fused, chunked cross-entropy
+        acts = 2 * layer_input + recompute
+    if unsloth:
+        logits = tokens * vocab * 0.25                     # fused, chunked cross-entropy
     else:
         logits = tokens * vocab * 10.0                     # bf16 logits, fp32 upcast and its gradient
-    return weights + lora + acts + logits + 1.5 * GIB       # + workspace and allocator slack
+    return weights + lora + acts + logits + 1.0 * GIB       # + workspace and allocator slack
 
 
-def time_per_token(shape: dict, micro: int, seq: int, mode: str, qlora: bool, keep: int = 0) -> float:
-    fixed = 330.0 if qlora else 100.0
+def time_per_token(shape: dict, tokens: float, mode: str, qlora: bool, keep: int = 0, dropout: float = 0.0) -> float:
+    """Relative time per token of a micro-batch of `tokens` tokens."""
     L = shape["layers"]
     recomputed = {"off": 0.0, "partial": (L - keep) / L, "on": 1.0, "offload": 1.0}[mode]
-    t = (1 + fixed / (micro * seq)) * (1 + RECOMPUTE * recomputed)
-    return t * (1 + OFFLOAD_COST) if mode == "offload" else t
+    cost = RECOMPUTE[mode] + (RECOMPUTE_DROPOUT if dropout > 0 and mode != "off" else 0.0)
+    return FIXED_TOKENS["qlora" if qlora else "lora"] / max(tokens, 1.0) + 1 + cost * recomputed
 
 
 def describe(c: Choice, layers: int) -> str:

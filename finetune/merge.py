@@ -45,8 +45,12 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
     dtype = model_lib.compute_dtype(device)
     prompts = _parity_prompts(paths, tok)
 
-    log(f"[merge] loading {base} unquantised ({str(dtype).replace('torch.', '')}) and the adapter {paths.adapters}")
-    peft_model = PeftModel.from_pretrained(model_lib.load_plain(base, tok, device, dtype), str(paths.adapters)).eval()
+    into = "the NF4-dequantised base" if cfg.use_qlora and cfg.qlora_merge_base == "dequantized" else "the unquantised base"
+    log(f"[merge] loading {base} as {into} ({str(dtype).replace('torch.', '')}) and the adapter {paths.adapters}")
+    plain = model_lib.load_plain(base, tok, device, dtype)
+    if cfg.use_qlora and cfg.qlora_merge_base == "dequantized":
+        _dequantized_weights_into(plain, base, device)
+    peft_model = PeftModel.from_pretrained(plain, str(paths.adapters)).eval()
     reference = _logits(peft_model, tok, prompts, device)
     ref_greedy = _greedy(peft_model, tok, prompts, device)
     merged = peft_model.merge_and_unload()
@@ -73,6 +77,27 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
             log("[merge] MERGE_PARITY=off: parity gate skipped")
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
+
+
+def _dequantized_weights_into(plain, base: str, device: str) -> None:
+    """Replace each quantised projection of `plain` by its NF4 round trip, the weights the adapter was trained on.
+
+    QLORA_MERGE_BASE=dequantized: the merged model then reproduces adapter-on-4-bit-base (what was trained) instead
+    of moving the adapter onto weights it never saw. Small models lose the most to NF4, and gain the most here.
+    """
+    import bitsandbytes.functional as bnbf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    q = AutoModelForCausalLM.from_pretrained(base, quantization_config=model_lib.bnb_config(device),
+                                             dtype=model_lib.compute_dtype(device))
+    targets = dict(plain.named_modules())
+    with torch.no_grad():
+        for name, mod in q.named_modules():
+            if hasattr(mod, "weight") and getattr(mod.weight, "quant_state", None) is not None:
+                w = bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+                targets[name].weight.copy_(w.to(targets[name].weight.dtype).reshape(targets[name].weight.shape))
+    del q
 
 
 def _parity_prompts(paths: RunPaths, tok, n: int = 4) -> list[str]:

@@ -19,8 +19,9 @@ from finetune.paths import RunPaths, atomic_write_text
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "retention" / "replay_prompts.json"
 
 
-def build_replay(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", max_new_tokens: int = 128) -> Path:
-    prompts = json.loads(PROMPTS.read_text(encoding="utf-8"))
+def build_replay(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", max_new_tokens: int = 128,
+                 prompts_file: Path = PROMPTS) -> Path:
+    prompts = json.loads(Path(prompts_file).read_text(encoding="utf-8"))
     key = hashlib.sha256((json.dumps(prompts) + model_lib.model_identity(base) + cfg.chat_template + str(max_new_tokens)).encode()).hexdigest()[:16]
     cached = embedded.cache_root() / "replay" / f"{cfg.model_slug}-{key}.jsonl"
     if not cached.is_file():

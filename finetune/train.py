@@ -66,7 +66,9 @@ class TrainPlan:
         return self.micro_batch * self.grad_accum * self.world_size
 
 
-def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int = 1) -> TrainPlan:
+def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int = 1,
+         lengths: list[int] | None = None, keep_fixed: int | None = None) -> TrainPlan:
+    """lengths: tokenised row lengths (the GPU choice sizes micro-batches from them when given)."""
     logical = 8 if cfg.batch_size == "auto" else int(cfg.batch_size)
     # The effective batch is BATCH_SIZE x GRAD_ACCUM whatever the number of processes, so a run moved from 1 to N
     # GPUs trains the same thing: each process takes 1/N of it.
@@ -82,18 +84,22 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
         micro, accum = logical, cfg.grad_accum
     grad_ckpt = cfg.gradient_checkpointing
     keep, notes = 0, []
+    # Padding-free batches everywhere: no compute on pad tokens. Row boundaries are kept by position ids, which
+    # transformers turns into a block-diagonal mask (tests/data/test_packing.py checks the per-row loss).
+    padding_free = True
     if backend.device == "cuda":
         from finetune import autotune
 
         # BATCH_SIZE=auto (or any value) on a GPU: the same effective batch, cut into micro-batches that fit.
         shape = autotune.model_shape(cfg)
         c = autotune.choose_micro_batch(cfg, logical, accum, grad_ckpt, backend.name, shape,
-                                        max_micro=None if cfg.batch_size == "auto" else logical)
+                                        max_micro=None if cfg.batch_size == "auto" else logical,
+                                        lengths=None if cfg.packing else lengths, padding_free=padding_free,
+                                        keep_fixed=keep_fixed)
         micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
         notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + autotune.describe(c, shape["layers"]))
     elif grad_ckpt == "auto":
         grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
-    padding_free = cfg.packing or (backend.name == "unsloth" and backend.device == "cuda")
     steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
     return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
@@ -147,7 +153,8 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
         raise ConfigError(f"no prepared training data in {paths.train_file}: run JOB=prepare (or JOB=train) first")
     if backend.device == "cuda":
         cap_gpu_memory(cfg)
-    p = plan(cfg, backend, len(train_rows), world_size)
+    train_ds = to_dataset(train_rows, tok, cfg)
+    p = plan(cfg, backend, len(train_rows), world_size, lengths=[len(x) for x in train_ds["input_ids"]])
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731 - one voice: rank 0 speaks for the run
     resume_from = _resume_point(cfg, paths, resume, p, log, is_main)
@@ -159,7 +166,7 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     trainable, total = _count_params(model)
     log(banner(cfg, p, trainable, total, paths))
 
-    trainer = _build_trainer(cfg, paths, model, tok, p, to_dataset(train_rows, tok, cfg),
+    trainer = _build_trainer(cfg, paths, model, tok, p, train_ds,
                              to_dataset(eval_rows, tok, cfg) if eval_rows else None, faults, log)
     stop = _SignalFlag()
     with stop.installed():

@@ -57,7 +57,7 @@ def test_misspelled_variable_in_environment_is_an_error_but_unrelated_ones_are_n
 
 def test_demo_preset_only_when_model_and_data_are_the_embedded_defaults():
     demo = RunConfig.from_env({}, None)
-    assert demo.num_epochs == 4 and demo.learning_rate == 2e-3
+    assert demo.num_epochs == 6 and demo.learning_rate == 3e-3 and demo.batch_size == "4"
     user = RunConfig.from_env({"DATA_PATH": "my.json"}, None)
     assert user.num_epochs == 3 and user.lr == 1e-4
     explicit = RunConfig.from_env({"NUM_EPOCHS": "7"}, None)

@@ -161,3 +161,21 @@ def test_non_finite_loss_stops_before_the_optimizer_and_keeps_the_last_checkpoin
         train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(nan_at_step=5))
     assert ck.newest_complete(paths.checkpoints).name == "checkpoint-3"
     assert not paths.adapters.exists()
+
+
+def test_eval_loss_during_training_and_early_stopping(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, eval_fraction=0.25, eval_steps=2, save_steps=2,
+                                early_stopping_patience=1, num_epochs=6, learning_rate=5e-2)
+    train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+    recs = [json.loads(l) for l in open(paths.metrics)]
+    evals = [r for r in recs if "eval_loss" in r]
+    assert evals and all(r["step"] % 2 == 0 for r in evals)
+    n_train = len([l for l in open(paths.train_file)])
+    full = 6 * -(-n_train // 4)
+    assert max(r["step"] for r in recs) <= full
+
+
+def test_tensorboard_reporting_writes_event_files(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, report_to="tensorboard", max_steps=2)
+    train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+    assert list(paths.checkpoints.rglob("events.out.tfevents.*"))
