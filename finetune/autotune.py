@@ -8,15 +8,16 @@ The user's effective batch (BATCH_SIZE, default 8, x GRAD_ACCUM x GPUs) is fixed
     on        every layer recomputed from its saved input
     offload   like on, with the saved inputs in host memory (Unsloth's "unsloth" checkpointing; HF: same as on)
 
-Every (micro-batch, mode) whose estimated peak fits the budget (0.85 of the GPU, or of MAX_GPU_MEMORY) is scored
-with a relative time per token, and the cheapest is taken:
+Every (micro-batch, mode) whose estimated peak fits the budget (0.90 of the GPU, or of MAX_GPU_MEMORY) is scored
+with a relative time per token, and the cheapest is taken (ties: the larger micro-batch):
 
-    time/token ~ D / tokens_per_micro_batch + 1 + RECOMPUTE[mode] x share of layers recomputed
+    time/token ~ max(D / tokens_per_micro_batch, 1) + RECOMPUTE[mode] x share of layers recomputed
 
-D is the fixed cost of one micro-batch, in tokens' worth of work: measured on an H100 with Unsloth on an 8B QLoRA
-model, a micro-batch costs ~0.18 s of host-side launching and dequantisation besides ~57 us per token, so D ~ 3200
-and a micro-batch of one 2048-token row runs at half the speed of one of four. Recomputing (Unsloth's offloaded
-checkpointing) costs +56% per recomputed layer. So: keep activations where they fit, and make micro-batches big.
+D: below ~D tokens a micro-batch is bound by the host launching its kernels, not by the GPU. Measured on an H100
+with Unsloth, Llama-3.1-8B QLoRA: ~0.3 s of host time per micro-batch against ~70 us of GPU time per token, so
+D ~ 4300; one 2048-token row per micro-batch ran at 6.7k tokens/s, four or eight rows at 14.1-14.3k. A recomputed
+layer costs +40% (Unsloth's offloaded checkpointing, LoRA dropout 0; +56% with dropout). So: keep activations
+where they fit, micro-batches of at least ~4k tokens, and recompute only the layers that do not fit.
 
 Token counts come from the data when it is known: padding-free micro-batches hold the sum of their rows' lengths
 (the peak is taken at the `micro` longest rows), padded ones `micro` x the longest row.
@@ -33,8 +34,8 @@ GIB = 2**30
 # offloaded checkpointing: 0.36-0.41 with LoRA dropout 0, 0.56 with dropout 0.05 (the masks are replayed).
 RECOMPUTE = {"off": 0.0, "partial": 0.4, "on": 0.45, "offload": 0.4}
 RECOMPUTE_DROPOUT = 0.16
-# Fixed cost of one micro-batch in tokens' worth of work (H100, 8B, Unsloth, QLoRA: 0.18 s / 57 us per token).
-FIXED_TOKENS = {"qlora": 3200.0, "lora": 2000.0}
+# Host-bound floor of one micro-batch in tokens' worth of GPU work (H100, 8B, Unsloth, QLoRA: 0.3 s / 70 us).
+FIXED_TOKENS = {"qlora": 4300.0, "lora": 2500.0}
 
 # Saved activations per token per decoder layer, in bf16 values: a*hidden + b*intermediate. Unsloth, measured on
 # Llama-3.1-8B (H100): 120 KB per token per layer with LoRA dropout 0 (1.83 GiB per kept layer at 8 x 2048
@@ -181,7 +182,7 @@ def time_per_token(shape: dict, tokens: float, mode: str, qlora: bool, keep: int
     L = shape["layers"]
     recomputed = {"off": 0.0, "partial": (L - keep) / L, "on": 1.0, "offload": 1.0}[mode]
     cost = RECOMPUTE[mode] + (RECOMPUTE_DROPOUT if dropout > 0 and mode != "off" else 0.0)
-    return FIXED_TOKENS["qlora" if qlora else "lora"] / max(tokens, 1.0) + 1 + cost * recomputed
+    return max(FIXED_TOKENS["qlora" if qlora else "lora"] / max(tokens, 1.0), 1.0) + cost * recomputed
 
 
 def describe(c: Choice, layers: int) -> str:

@@ -164,6 +164,8 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     set_seed(cfg.seed)
     model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers)
     trainable, total = _count_params(model)
+    if is_main:
+        _check_disk(cfg, paths, trainable, log)
     log(banner(cfg, p, trainable, total, paths))
 
     trainer = _build_trainer(cfg, paths, model, tok, p, train_ds,
@@ -211,6 +213,19 @@ def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, l
 
 def fingerprint(cfg: RunConfig, p: TrainPlan, paths: RunPaths) -> dict:
     return {**cfg.fingerprint_fields(), "effective_batch": p.effective_batch, "data": data_fingerprint(paths)}
+
+
+def _check_disk(cfg: RunConfig, paths: RunPaths, trainable: int, log) -> None:
+    """Refuse to start a run whose checkpoints cannot fit: each holds the adapter (fp32) and AdamW's two moments."""
+    per_ckpt = trainable * 12 * 1.1 + 1e6
+    need = per_ckpt * (cfg.save_total_limit + 1) + trainable * 4  # + the final adapter
+    paths.checkpoints.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(paths.checkpoints).free
+    log(f"[train] disk: about {need / 1e9:.2f} GB needed for checkpoints and the adapter, {free / 1e9:.1f} GB free")
+    if free < need:
+        raise ResourceError(f"not enough disk in {paths.checkpoints}: about {need / 1e9:.2f} GB needed "
+                            f"({cfg.save_total_limit + 1} checkpoints of {per_ckpt / 1e9:.2f} GB), {free / 1e9:.2f} GB free; "
+                            "free space or lower SAVE_TOTAL_LIMIT")
 
 
 def _count_params(model) -> tuple[int, int]:

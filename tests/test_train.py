@@ -179,3 +179,17 @@ def test_tensorboard_reporting_writes_event_files(tmp_path, tiny_llama_dir):
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, report_to="tensorboard", max_steps=2)
     train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
     assert list(paths.checkpoints.rglob("events.out.tfevents.*"))
+
+
+def test_training_refuses_to_start_without_disk_for_its_checkpoints(tmp_path, tiny_llama_dir, monkeypatch):
+    import shutil as sh
+    from collections import namedtuple
+
+    from finetune.errors import ResourceError
+
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(sh, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(ResourceError, match="not enough disk") as e:
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+    assert e.value.exit_code == 4
