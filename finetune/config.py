@@ -94,6 +94,9 @@ class RunConfig:
     wandb_project: str = _f("RAPA", "wandb project")
     # --- merge, export, evaluate
     merge_parity: str = _f("on", "on | off: compare adapter-on-base with the merged model before accepting it", ("on", "off"))
+    merge_mode: str = _f("auto", "auto | whole | sharded: sharded streams the base shard by shard (memory bounded by the "
+                         "largest shard); auto picks sharded when the base is larger than half the free RAM",
+                         ("auto", "whole", "sharded"))
     qlora_merge_base: str = _f("original", "QLoRA merge into: original (the unquantised base) | dequantized (its NF4 "
                                "round trip, exactly what was trained)", ("original", "dequantized"))
     merge_parity_tol: float = _f(1e-3, "largest allowed max-abs logit difference (relative to logit scale) in the parity gate")

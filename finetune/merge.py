@@ -44,6 +44,8 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
     tok = AutoTokenizer.from_pretrained(paths.adapters)  # the tokenizer and chat template used in training
     dtype = model_lib.compute_dtype(device)
     prompts = _parity_prompts(paths, tok)
+    if _merge_mode(cfg, base, log) == "sharded":
+        return _merge_sharded(cfg, paths, base, tok, prompts, device, dtype, log)
 
     into = "the NF4-dequantised base" if cfg.use_qlora and cfg.qlora_merge_base == "dequantized" else "the unquantised base"
     log(f"[merge] loading {base} as {into} ({str(dtype).replace('torch.', '')}) and the adapter {paths.adapters}")
@@ -75,6 +77,73 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
                                   f"the adapter in {paths.adapters} is not reproduced by the merged weights")
         else:
             log("[merge] MERGE_PARITY=off: parity gate skipped")
+    log(f"[merge] merged model written to {paths.merged}")
+    return paths.merged
+
+
+def _merge_mode(cfg: RunConfig, base: str, log=print) -> str:
+    """MERGE_MODE resolved: whole or sharded (auto: sharded when the base is larger than half the free RAM)."""
+    from finetune.merge_stream import available_ram, base_size, fits_in_memory
+
+    mode = getattr(cfg, "merge_mode", "auto")
+    if mode == "auto":
+        mode = "whole" if fits_in_memory(Path(base)) else "sharded"
+        if mode == "sharded":
+            log(f"[merge] MERGE_MODE=auto: base {base_size(Path(base)) / 1e9:.1f} GB > half the free RAM "
+                f"({available_ram() / 1e9:.1f} GB available): merging shard by shard")
+    if mode == "sharded" and cfg.use_qlora and cfg.qlora_merge_base == "dequantized":
+        log("[merge] QLORA_MERGE_BASE=dequantized needs the whole model (NF4 round trip): using MERGE_MODE=whole")
+        mode = "whole"
+    return mode
+
+
+def _merge_sharded(cfg: RunConfig, paths: RunPaths, base: str, tok, prompts, device, dtype, log=print) -> Path:
+    """Stream base shards through the adapter; gate with logits if the model fits in memory, else per tensor."""
+    from finetune.merge_stream import check_tensors, fits_in_memory, merge_sharded
+
+    base_cfg = json.loads((Path(base) / "config.json").read_text())
+    if len(tok) > base_cfg.get("vocab_size", len(tok)):
+        raise ConfigError(f"the training tokenizer has {len(tok)} tokens but the base {base_cfg['vocab_size']}: "
+                          f"resized embeddings are not supported by MERGE_MODE=sharded (use MERGE_MODE=whole)")
+    gate = cfg.merge_parity == "on" and fits_in_memory(Path(base))
+    reference = ref_greedy = None
+    if gate:  # the adapter on the base, what merging must reproduce (the model fits: it was checked above)
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model_lib.load_plain(base, tok, device, dtype), str(paths.adapters)).eval()
+        reference = _logits(peft_model, tok, prompts, device)
+        ref_greedy = _greedy(peft_model, tok, prompts, device)
+        del peft_model
+    log(f"[merge] MERGE_MODE=sharded: streaming {base} shard by shard through the adapter {paths.adapters}")
+    with atomic_dir(paths.merged) as tmp:
+        summary = merge_sharded(Path(base), paths.adapters, tmp, dtype=None, log=log)
+        tok.save_pretrained(tmp)
+        for name in ("config.json", "generation_config.json"):  # as _match_vocab sets them on the whole path
+            f = tmp / name
+            if f.is_file():
+                c = json.loads(f.read_text())
+                c["eos_token_id"], c["pad_token_id"] = tok.eos_token_id, tok.pad_token_id
+                f.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+        if cfg.merge_parity == "off":
+            log("[merge] MERGE_PARITY=off: parity gate skipped")
+        elif gate:
+            parity = _gate(cfg, tmp, tok, prompts, reference, ref_greedy, device, dtype)
+            if cfg.use_qlora:
+                parity.qlora_gap = _qlora_gap(cfg, base, paths, tok, prompts, tmp, device)
+            (tmp / "merge_parity.json").write_text(json.dumps(asdict(parity), indent=1) + "\n")
+            log(f"[merge] parity: max |logit diff| {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.1e}); "
+                f"greedy identical {parity.greedy_identical}/{parity.prompts}; stops at EOS: {parity.stops_at_eos}")
+            if not parity.ok:
+                raise ParityError(f"merge rejected: max |logit diff| {parity.max_abs_logit_diff:.3e} vs tolerance "
+                                  f"{parity.tolerance:.1e}, greedy identical {parity.greedy_identical}/{parity.prompts}; "
+                                  f"the adapter in {paths.adapters} is not reproduced by the merged weights")
+        else:
+            log("[merge] parity gate skipped: model larger than memory; per-tensor check instead")
+            worst = check_tensors(Path(base), paths.adapters, tmp)
+            (tmp / "merge_parity.json").write_text(json.dumps(
+                {"mode": "per-tensor", "max_abs_weight_diff": worst, "merged_tensors": len(summary["merged"])},
+                indent=1) + "\n")
+            log(f"[merge] per-tensor check: max |weight diff| {worst:.2e} over sampled merged tensors")
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
 
