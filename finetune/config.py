@@ -103,7 +103,7 @@ class RunConfig:
     export_gguf: str = _f("", "after merge also write GGUF: comma list of f16, q8_0, bf16, q4_k_m (empty = no export)")
     eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
-    retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score ('' = off)")
+    retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
     deepspeed_config: str = _f("", "DeepSpeed JSON for several GPUs (default: configs/deepspeed/zero2.json)")

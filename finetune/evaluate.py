@@ -71,11 +71,11 @@ def questions_from_eval(paths: RunPaths, limit: int = 0) -> list[dict]:
 
 
 def probes(cfg: RunConfig) -> list[dict]:
-    if not cfg.retention_set:
+    if cfg.retention_set.lower() in ("", "none", "off"):
         return []
     p = Path(cfg.retention_set)
     if not p.is_file():
-        raise ConfigError(f"RETENTION_SET={p}: no such file (set RETENTION_SET='' to turn retention off)")
+        raise ConfigError(f"RETENTION_SET={p}: no such file (set RETENTION_SET=none to turn retention off)")
     try:
         items = json.loads(p.read_text(encoding="utf-8"))
         return [{"id": x["id"], "messages": [{"role": "user", "content": x["question"]}], "answers": list(x["answers"])}

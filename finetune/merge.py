@@ -42,7 +42,11 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
         raise ConfigError(f"no finished adapter in {paths.adapters}: train first (JOB=train or resume_training)")
     _check_disk(base, paths.merged.parent)
     tok = AutoTokenizer.from_pretrained(paths.adapters)  # the tokenizer and chat template used in training
-    dtype = model_lib.compute_dtype(device)
+    # The merge and its parity gate run in float32 on every device: a bf16 merge adds one rounding of every merged
+    # weight, which on a GPU moved logits past any tolerance that still catches a wrong merge. The result is stored
+    # in the base's own dtype once the gate has passed.
+    dtype = torch.float32
+    store = _stored_dtype(base)
     prompts = _parity_prompts(paths, tok)
     if _merge_mode(cfg, base, log) == "sharded":
         return _merge_sharded(cfg, paths, base, tok, prompts, device, dtype, log)
@@ -77,8 +81,29 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
                                   f"the adapter in {paths.adapters} is not reproduced by the merged weights")
         else:
             log("[merge] MERGE_PARITY=off: parity gate skipped")
+        if store != torch.float32:
+            _restore_dtype(tmp, store, log)
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
+
+
+def _stored_dtype(base: str):
+    import torch
+
+    c = json.loads((Path(base) / "config.json").read_text())
+    name = c.get("dtype") or c.get("torch_dtype") or "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name).replace("torch.", ""), torch.float32)
+
+
+def _restore_dtype(folder: Path, store, log) -> None:
+    """Re-save the gated float32 merge in the base's dtype (what a user serves), shard files replaced in place."""
+    from transformers import AutoModelForCausalLM
+
+    log(f"[merge] storing the merged weights as {str(store).replace('torch.', '')}, the base's dtype")
+    m = AutoModelForCausalLM.from_pretrained(folder, dtype=store)
+    for f in list(folder.glob("model*.safetensors")) + list(folder.glob("model.safetensors.index.json")):
+        f.unlink()
+    m.save_pretrained(folder, safe_serialization=True, max_shard_size="5GB")
 
 
 def _merge_mode(cfg: RunConfig, base: str, log=print) -> str:

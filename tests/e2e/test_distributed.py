@@ -9,7 +9,7 @@ from tests.conftest import qa_rows, write_jsonl
 from tests.e2e.helpers import ROOT, env_for, read_jsonl
 
 COMMON = dict(USE_QLORA="false", NUM_EPOCHS=2, BATCH_SIZE=4, LEARNING_RATE=5e-3, LORA_DROPOUT=0, WARMUP_RATIO=0,
-              SAVE_STEPS=3, REPLAY_FRACTION=0, RETENTION_SET="", EVAL_MAX_NEW_TOKENS=4, JOB="train")
+              SAVE_STEPS=3, REPLAY_FRACTION=0, RETENTION_SET="none", EVAL_MAX_NEW_TOKENS=4, JOB="train")
 
 
 def launch(tmp, tiny_llama_dir, nproc):

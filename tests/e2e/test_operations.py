@@ -11,7 +11,7 @@ from tests.conftest import qa_rows, write_jsonl
 from tests.e2e.helpers import read_jsonl, run_sh, start_run_sh
 
 TINY = dict(USE_QLORA="false", NUM_EPOCHS=3, BATCH_SIZE=2, LEARNING_RATE=5e-3, LORA_DROPOUT=0, WARMUP_RATIO=0,
-            SAVE_STEPS=4, REPLAY_FRACTION=0, RETENTION_SET="", EVAL_MAX_NEW_TOKENS=4)
+            SAVE_STEPS=4, REPLAY_FRACTION=0, RETENTION_SET="none", EVAL_MAX_NEW_TOKENS=4)
 
 
 def tiny_env(tmp, tiny_llama_dir, **kw):
