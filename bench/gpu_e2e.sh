@@ -8,7 +8,7 @@ OUTDIR="${1:-${OUT:-/tmp/e2e_logs}}"; mkdir -p "$OUTDIR"
 M=/tmp/llama8b_e2e
 [[ -f $M/config.json ]] || python3 bench/gpu_speed.py build --model $M --tokenizer .bench_tok --vocab 49152
 export RAPA_NO_VENV=1 PYTHON=python3 BASE_MODEL_NAME=$M DATA_PATH=data/sample/korquad_sample.json MAX_STEPS=30 \
-  SAVE_STEPS=10 REPLAY_FRACTION=0 RETENTION_SET= BACKEND=unsloth REPORT_TO=none BASE_SAVE_PATH=/tmp/e2e_out \
+  SAVE_STEPS=10 REPLAY_FRACTION=0 RETENTION_SET=none BACKEND=unsloth REPORT_TO=none BASE_SAVE_PATH=/tmp/e2e_out \
   CHECKPOINT_PATH=/tmp/e2e_ckpt EVAL_MAX_QUESTIONS=8 MERGE_PARITY=on HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1
 METRICS=/tmp/e2e_out/llama8b_e2e/3/metrics.jsonl
 t0=$(date +%s)

@@ -66,7 +66,9 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
     with atomic_dir(paths.merged) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size="2GB")
         tok.save_pretrained(tmp)
-        del merged, peft_model
+        del merged, peft_model, plain  # free the float32 model before the gate loads the saved one
+        if device == "cuda":
+            torch.cuda.empty_cache()
         if cfg.merge_parity == "on":
             parity = _gate(cfg, tmp, tok, prompts, reference, ref_greedy, device, dtype)
             if cfg.use_qlora:

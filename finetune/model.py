@@ -40,7 +40,7 @@ class Backend:
     device: str    # "cuda" | "cpu"
 
 
-def choose_backend(cfg: RunConfig) -> Backend:
+def choose_backend(cfg: RunConfig, world_size: int = 1) -> Backend:
     """Unsloth when a CUDA GPU is there and unsloth imports (BACKEND=auto), else Hugging Face.
 
     Unsloth patches transformers, trl and peft when it is imported, so it is imported here, before any of them
@@ -56,6 +56,11 @@ def choose_backend(cfg: RunConfig) -> Backend:
         if cfg.backend == "unsloth":
             raise ConfigError("BACKEND=unsloth needs a CUDA GPU (none visible); use BACKEND=auto or hf")
         return Backend("hf", "auto: no CUDA GPU", device)
+    if world_size > 1:
+        # Open-source Unsloth trains on one GPU; several processes go through HF + DeepSpeed.
+        if cfg.backend == "unsloth":
+            raise ConfigError(f"BACKEND=unsloth supports one GPU; this run has {world_size} processes: use BACKEND=auto or hf")
+        return Backend("hf", f"auto: {world_size} processes (Unsloth trains on one GPU), HF + DeepSpeed", device)
     problem = _import_unsloth()
     if problem is None:
         return Backend("unsloth", "BACKEND=unsloth" if cfg.backend == "unsloth" else "auto: CUDA GPU and unsloth present",

@@ -77,7 +77,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
     base = model_lib.resolve_base(cfg) if dist.is_main else None
     dist.barrier()  # the embedded model is converted once, by rank 0
     base = base or model_lib.resolve_base(cfg)
-    backend = model_lib.choose_backend(cfg)
+    backend = model_lib.choose_backend(cfg, dist.world_size)
     if dist.is_main:
         print(f"[model] base {cfg.base_model_name} -> {base}; backend {backend.name} ({backend.why})", flush=True)
     if not dist.is_main:
