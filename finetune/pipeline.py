@@ -137,11 +137,9 @@ def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None
     if "prepare" in stages and not Path(cfg.data_path).exists():
         raise DataError(f"DATA_PATH={cfg.data_path}: no such file or folder")
     if cfg.job == "train" and "train" in stages and not cfg.overwrite:
-        from finetune.checkpoints import list_checkpoints
+        from finetune.checkpoints import refuse_to_clobber
 
-        if list_checkpoints(paths.checkpoints):
-            raise ConfigError(f"CHECKPOINT_PATH={paths.checkpoints} already holds checkpoints of an earlier run: continue "
-                              "it with JOB=resume_training, or start over with OVERWRITE=1")
+        refuse_to_clobber(paths.checkpoints)
 
 
 def _finished(paths: RunPaths) -> bool:

@@ -189,9 +189,8 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
 def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, log, is_main: bool = True) -> Path | None:
     existing = checkpoints.list_checkpoints(paths.checkpoints)
     if not resume:
-        if existing and not cfg.overwrite:
-            raise ConfigError(f"CHECKPOINT_PATH={paths.checkpoints} already holds {len(existing)} checkpoint(s) of an "
-                              "earlier run: continue it with JOB=resume_training, or start over with OVERWRITE=1")
+        if not cfg.overwrite:
+            checkpoints.refuse_to_clobber(paths.checkpoints)
         if existing and is_main:
             log(f"[train] OVERWRITE=1: removing {len(existing)} old checkpoint(s) in {paths.checkpoints}")
             for _, c in existing:
