@@ -33,6 +33,25 @@ log() { echo "$LOG_PREFIX $*" >&2; }
 die() { echo "error: $*" >&2; exit "${2:-1}"; }
 trap 'die "run.sh failed at line $LINENO: $BASH_COMMAND"' ERR
 
+# torchrun reports any worker's failure, and its own SIGTERM, as exit 1. run.sh stays the parent instead of exec'ing
+# it, forwards SIGTERM/SIGINT, and returns the job's own code that rank 0 leaves in RAPA_EXIT_FILE: 75 after a
+# stop it asked for (a scheduler may requeue), 2/3/4 for the user's errors. A 75 it did not ask for means another
+# rank failed and rank 0 was stopped by torchrun: that is torchrun's failure, not a clean stop.
+launch_and_wait() {
+  local child rc=0 code signalled=0
+  export RAPA_EXIT_FILE; RAPA_EXIT_FILE="$(mktemp)"
+  "$@" & child=$!
+  trap 'signalled=1; kill -TERM "$child" 2>/dev/null || true' TERM
+  trap 'signalled=1; kill -INT "$child" 2>/dev/null || true' INT
+  while :; do
+    if wait "$child"; then rc=0; else rc=$?; fi
+    kill -0 "$child" 2>/dev/null || break
+  done
+  code="$(cat "$RAPA_EXIT_FILE" 2>/dev/null || true)"; rm -f "$RAPA_EXIT_FILE"
+  if (( rc == 0 )) || [[ -z "$code" || "$code" == 0 ]] || { [[ "$code" == 75 ]] && (( ! signalled )); }; then exit "$rc"; fi
+  exit "$code"
+}
+
 # ---- arguments ---------------------------------------------------------------------------------------------
 case "${1:-}" in
   -h|--help|help) usage; exit 0 ;;
@@ -96,7 +115,7 @@ if [[ "$job" == "train" || "$job" == "resume_training" ]]; then
     exec "$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" --module finetune
   elif (( ngpu > 1 )) || (( ${NNODES:-1} > 1 )); then
     log "launching $ngpu process(es) per node on ${NNODES:-1} node(s) (torchrun; DeepSpeed ZeRO config from DEEPSPEED_CONFIG)"
-    exec "$PY" -m torch.distributed.run --nproc_per_node "$ngpu" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
+    launch_and_wait "$PY" -m torch.distributed.run --nproc_per_node "$ngpu" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
       --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m finetune
   fi
 fi

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import os
 import shutil
 import signal
@@ -122,7 +123,9 @@ def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     train = read(paths.train_file)
     if cfg.replay_fraction > 0:
         replay = read(paths.replay_file)
-        train += replay[: max(1, round(cfg.replay_fraction * len(train)))] if replay else []
+        k = min(len(replay), max(1, round(cfg.replay_fraction * len(train))))
+        # A seeded sample, not the first k: the pool is ordered by kind (long-form, then short facts, then Korean).
+        train += random.Random(cfg.seed).sample(replay, k) if replay else []
     held_out = read(paths.eval_file) if cfg.eval_fraction > 0 else []
     return train, held_out
 
@@ -361,6 +364,26 @@ class _GuardedSFTTrainer(SFTTrainer):
                                 "Last good checkpoint kept; lower LEARNING_RATE or check the data, then resume")
         return out
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        # With several processes transformers maps the optimizer state to args.device, which on CPU (gloo) is
+        # "cpu:0": torch.load cannot restore to that. Map it to "cpu" for the duration of this one load.
+        import torch
+
+        if not checkpoint or self.args.world_size <= 1 or self.args.device.type != "cpu":
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load = torch.load
+
+        def cpu_load(*a, map_location=None, **kw):
+            if isinstance(map_location, (str, torch.device)) and torch.device(map_location).type == "cpu":
+                map_location = "cpu"
+            return load(*a, map_location=map_location, **kw)
+
+        torch.load = cpu_load
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        finally:
+            torch.load = load
+
 
 class _MetricsCallback(TrainerCallback):
     def __init__(self, path: Path):
@@ -375,7 +398,7 @@ class _MetricsCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kw):
         if not state.is_world_process_zero or not logs:
             return
-        rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4)}
+        rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
         if "loss" in logs:
             rec.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
         elif "eval_loss" in logs:
