@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9 experiments: learn the user's data vs keep what the model knew, on the embedded SmolLM2 (CPU).
-# Each argument is one run: "name:VAR=value,VAR=value" (no spaces). Runs are sequential (2 cores: parallel runs
+# Each argument is one run: "name:VAR=value;VAR=value" (no spaces). Runs are sequential (2 cores: parallel runs
 # only slow each other); each gets fresh output and checkpoint folders under $SWEEP_DIR, and one line with its
 # learned / retention numbers is appended to $SWEEP_DIR/results.jsonl.
-#   bench/retention_sweep.sh "lora_r1:USE_QLORA=false,REPLAY_FRACTION=1" "aggr:DATA=small15,NUM_EPOCHS=30,LEARNING_RATE=1e-3"
+#   bench/retention_sweep.sh "lora_r1:USE_QLORA=false;REPLAY_FRACTION=1" "aggr:DATA=small15;NUM_EPOCHS=30;LEARNING_RATE=1e-3"
 # DATA=small15 trains on the first 15 questions of the bundled sample (the "small QA file" of issue 9); without
 # DATA the embedded demo runs (its preset applies unless the run sets those variables).
 set -Eeuo pipefail
@@ -25,7 +25,7 @@ for spec in "$@"; do
   name=${spec%%:*}; vars=${spec#*:}; [[ "$spec" == *:* ]] || vars=""
   run="$SWEEP_DIR/$name"; rm -rf "$run"; mkdir -p "$run"
   env_args=(REPORT_TO=none BASE_SAVE_PATH="$run/out" CHECKPOINT_PATH="$run/ckpt")
-  IFS=',' read -r -a kv <<<"$vars"
+  IFS=';' read -r -a kv <<<"$vars"
   for a in "${kv[@]}"; do
     [[ -z "$a" ]] && continue
     if [[ "$a" == DATA=small15 ]]; then env_args+=(DATA_PATH="$small15"); else env_args+=("$a"); fi

@@ -36,8 +36,10 @@ PASSTHROUGH = {
 SECRETS = ("WANDB_API_KEY", "HF_TOKEN")
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, demo: Any = None) -> Any:
-    meta = {"help": help, "choices": choices, "demo": demo}
+def _f(default: Any, help: str, choices: tuple | None = None, demo: Any = None, embedded: Any = None) -> Any:
+    # demo: the value when BASE_MODEL_NAME and DATA_PATH are both unset (the bundled demo);
+    # embedded: the value when BASE_MODEL_NAME is unset (the bundled SmolLM2, whatever the data).
+    meta = {"help": help, "choices": choices, "demo": demo, "embedded": embedded}
     return field(default=default, metadata=meta)
 
 
@@ -53,7 +55,10 @@ class RunConfig:
     checkpoint_path: str = _f("", "checkpoint folder; default checkpoints/<model>/<epochs>/<qlora|lora>")
     overwrite: bool = _f(False, "JOB=train over existing checkpoints/outputs starts over instead of refusing")
     # --- model and adapter
-    use_qlora: bool = _f(True, "load the base in NF4 4-bit with double quantisation (QLoRA)")
+    # The bundled 135M model fits in 1 GB, and NF4 alone costs it 10 of the 24 probe answers it knew
+    # (docs/QUALITY.md): QLoRA buys it nothing and loses knowledge, so it trains with plain LoRA unless told.
+    use_qlora: bool = _f(True, "load the base in NF4 4-bit with double quantisation (QLoRA); the bundled "
+                         "SmolLM2 trains with plain LoRA unless this is set", embedded=False)
     backend: str = _f("auto", "auto | unsloth | hf (auto: unsloth on a CUDA GPU when it imports)", ("auto", "unsloth", "hf"))
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
@@ -70,7 +75,8 @@ class RunConfig:
     data_strict: bool = _f(False, "stop at the first bad row")
     eval_fraction: float = _f(0.0, "held-out fraction for eval loss; 0 evaluates on the training questions (seed 000)")
     packing: bool = _f(False, "pack rows into MAX_SEQ_LENGTH sequences without cross-row attention")
-    replay_fraction: float = _f(0.2, "self-distilled replay rows (base model's own answers) per user row; 0 = off")
+    replay_fraction: float = _f(1.0, "self-distilled replay rows (base model's own answers) per user row, up to "
+                                "the pool's size; 0 = off")
     # --- optimisation
     num_epochs: float = _f(3, "training epochs", demo=6)
     learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=3e-3)
@@ -157,13 +163,16 @@ class RunConfig:
                 problems.append(_unknown(key, names, "in the environment"))
 
         user_set = {k for k in names if merged.get(k, "") != ""}
-        demo = "BASE_MODEL_NAME" not in user_set and "DATA_PATH" not in user_set
+        embedded = "BASE_MODEL_NAME" not in user_set
+        demo = embedded and "DATA_PATH" not in user_set
         values: dict[str, Any] = {}
         for name, f in names.items():
             raw = merged.get(name, "")
             if raw == "":
                 if demo and f.metadata.get("demo") is not None:
                     values[f.name] = f.metadata["demo"]
+                elif embedded and f.metadata.get("embedded") is not None:
+                    values[f.name] = f.metadata["embedded"]
                 continue
             try:
                 values[f.name] = _coerce(raw, f)
@@ -198,7 +207,7 @@ class RunConfig:
         need(self.logging_steps >= 1, f"LOGGING_STEPS={self.logging_steps}: must be >= 1")
         need(0 <= self.data_max_reject_fraction <= 1, f"DATA_MAX_REJECT_FRACTION={self.data_max_reject_fraction}: must be in [0, 1]")
         need(0 <= self.eval_fraction < 1, f"EVAL_FRACTION={self.eval_fraction}: must be in [0, 1)")
-        need(0 <= self.replay_fraction <= 1, f"REPLAY_FRACTION={self.replay_fraction}: must be in [0, 1]")
+        need(0 <= self.replay_fraction <= 4, f"REPLAY_FRACTION={self.replay_fraction}: must be in [0, 4]")
         need(self.max_steps == -1 or self.max_steps >= 1, f"MAX_STEPS={self.max_steps}: must be -1 or >= 1")
         need(self.eval_steps >= 0, f"EVAL_STEPS={self.eval_steps}: must be >= 0")
         need(not (self.eval_steps and self.eval_fraction == 0),
@@ -293,10 +302,11 @@ def describe(cfg: RunConfig) -> str:
 
 def help_text() -> str:
     out = ["Variables (environment or .env; the environment wins). Defaults in brackets;",
-           "the embedded demo (BASE_MODEL_NAME and DATA_PATH both unset) uses the preset in braces.", ""]
+           "the embedded demo (BASE_MODEL_NAME and DATA_PATH both unset) uses the preset in braces ({demo: ...}),",
+           "and the bundled model (BASE_MODEL_NAME unset) its own ({embedded: ...}).", ""]
     for f in dataclasses.fields(RunConfig):
-        demo = f.metadata.get("demo")
-        preset = f" {{demo: {demo}}}" if demo is not None else ""
+        demo, emb = f.metadata.get("demo"), f.metadata.get("embedded")
+        preset = (f" {{demo: {demo}}}" if demo is not None else "") + (f" {{embedded: {emb}}}" if emb is not None else "")
         out.append(f"  {f.name.upper():<26} [{f.default}]{preset}  {f.metadata['help']}")
     out.append("")
     out.append("  Secrets, read from the environment only and never printed or saved: " + ", ".join(SECRETS))

@@ -92,12 +92,18 @@ def score(items: list[dict], preds: list[str]) -> dict:
             "rouge": rouge(preds, [it["answers"][0] for it in items]), "_cm": cm}
 
 
-def retention(probe_items: list[dict], base_ok: list[bool], tuned_ok: list[bool]) -> dict:
+def retention(probe_items: list[dict], base_ok: list[bool], tuned_ok: list[bool],
+              base_preds: list[str] | None = None, tuned_preds: list[str] | None = None) -> dict:
     known = [i for i, ok in enumerate(base_ok) if ok]
     kept = [i for i in known if tuned_ok[i]]
-    return {"kept": len(kept), "of": len(known), "fraction": round(len(kept) / len(known), 4) if known else None,
-            "lost": [probe_items[i]["messages"][0]["content"] for i in known if not tuned_ok[i]],
-            "gained": sum(1 for i, ok in enumerate(tuned_ok) if ok and not base_ok[i])}
+    lost = [i for i in known if not tuned_ok[i]]
+    out = {"kept": len(kept), "of": len(known), "fraction": round(len(kept) / len(known), 4) if known else None,
+           "lost": [probe_items[i]["messages"][0]["content"] for i in lost],
+           "gained": sum(1 for i, ok in enumerate(tuned_ok) if ok and not base_ok[i])}
+    if base_preds is not None and tuned_preds is not None:  # what it said instead: forgetting has a shape
+        out["lost_answers"] = [{"question": probe_items[i]["messages"][0]["content"], "base": base_preds[i][:200],
+                                "finetuned": tuned_preds[i][:200]} for i in lost]
+    return out
 
 
 def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=print) -> dict:
@@ -169,7 +175,7 @@ def _report(cfg, paths, qs, pr, results) -> dict:
                             "base": bp[:200], "finetuned": fp[:200], "base_ok": bo, "finetuned_ok": fo}
                            for q, bp, fp, bo, fo in zip(qs, b["preds"], f["preds"], b["scores"]["_cm"], f["scores"]["_cm"])]}
     if pr:
-        report["retention"] = retention(pr, b["probe_ok"], f["probe_ok"])
+        report["retention"] = retention(pr, b["probe_ok"], f["probe_ok"], b["probe_preds"], f["probe_preds"])
     report["training"] = _training_summary(paths)
     return report
 

@@ -1,6 +1,7 @@
 """Forgetting is measured (a model that forgets is reported as forgetting) and replay data reaches training."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,16 @@ def test_replay_rows_are_the_base_models_own_answers_and_are_mixed_into_training
     assert sum(r["id"].startswith("replay:") for r in train_rows) == min(len(replay), 2)
     off = RunConfig(**{**cfg.public_dict(), "replay_fraction": 0.0})
     assert len(load_rows(paths, off)[0]) == 4
+
+
+def test_replay_prompts_never_ask_a_retention_probe():
+    """Replay may share the probes' kind of question (short facts) but never a probe itself, or retention would
+    measure memorised replay instead of kept knowledge."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent / "data" / "retention"
+    norm = lambda s: re.sub(r"[^\w]+", " ", s.lower()).strip()  # noqa: E731
+    prompts = {norm(p) for p in json.loads((root / "replay_prompts.json").read_text(encoding="utf-8"))}
+    probes = json.loads((root / "probes.json").read_text(encoding="utf-8"))
+    assert len(prompts) >= 90
+    assert not prompts & {norm(p["question"]) for p in probes}
