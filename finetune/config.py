@@ -76,11 +76,11 @@ class RunConfig:
     eval_fraction: float = _f(0.0, "held-out fraction for eval loss; 0 evaluates on the training questions (seed 000)")
     packing: bool = _f(False, "pack rows into MAX_SEQ_LENGTH sequences without cross-row attention")
     replay_fraction: float = _f(1.0, "self-distilled replay rows (base model's own answers) per user row, up to "
-                                "the pool's size; 0 = off")
+                                "the pool's size; 0 = off", demo=1.6)
     # --- optimisation
-    num_epochs: float = _f(3, "training epochs", demo=6)
-    learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=3e-3)
-    batch_size: str = _f("auto", "per-device batch, or auto (8; on a GPU split into micro-batches that fit)", demo="4")
+    num_epochs: float = _f(3, "training epochs", demo=8)
+    learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=1e-3)
+    batch_size: str = _f("auto", "per-device batch, or auto (8; on a GPU split into micro-batches that fit)")
     grad_accum: int = _f(1, "gradient accumulation steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup_ratio: float = _f(0.03, "fraction of steps spent warming up the learning rate")
