@@ -72,14 +72,14 @@ def test_merged_model_loads_in_plain_transformers_and_answers(qlora_run):
 def test_resume_after_a_finished_run_is_a_no_op(qlora_run, smollm2_dir):
     tmp, _ = qlora_run
     data = tmp / "qa.jsonl"
-    r = run_sh(tmp, "resume_training", DATA_PATH=data, MAX_STEPS=3, BATCH_SIZE=4, LEARNING_RATE=1e-3, SAVE_STEPS=2,
+    r = run_sh(tmp, "resume_training", DATA_PATH=data, USE_QLORA="true", MAX_STEPS=3, BATCH_SIZE=4, LEARNING_RATE=1e-3, SAVE_STEPS=2,
                REPLAY_FRACTION=0)
     assert r.returncode == 0 and "nothing to do" in r.stdout
 
 
 def test_train_over_an_existing_run_refuses_and_points_at_resume(qlora_run):
     tmp, _ = qlora_run
-    r = run_sh(tmp, DATA_PATH=tmp / "qa.jsonl", MAX_STEPS=3, BATCH_SIZE=4, LEARNING_RATE=1e-3, SAVE_STEPS=2,
+    r = run_sh(tmp, DATA_PATH=tmp / "qa.jsonl", USE_QLORA="true", MAX_STEPS=3, BATCH_SIZE=4, LEARNING_RATE=1e-3, SAVE_STEPS=2,
                REPLAY_FRACTION=0)
     assert r.returncode == 2
     assert "JOB=resume_training" in r.stderr and "Traceback" not in r.stderr + r.stdout
