@@ -8,16 +8,7 @@
 set -u
 OUTDIR="${1:-${OUT:-/tmp/mg_logs}}"; mkdir -p "$OUTDIR"
 STEPS=${MG_STEPS:-12}
-DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl/deepspeed-*.tar.gz
-M=/tmp/llama8b_mg
-[[ -f $M/config.json ]] || python3 bench/gpu_speed.py build --model $M --tokenizer .bench_tok --vocab 49152
-python3 - <<'PY'
-import json, random
-r = random.Random(0); w = "the of and to in a is that for it as with was on be by this are from at".split()
-with open("/tmp/mg_data.jsonl", "w") as f:
-    for i in range(128):
-        f.write(json.dumps({"text": " ".join(r.choice(w) for _ in range(2100))}) + "\n")
-PY
+source "$(dirname "$0")/multi_gpu_setup.sh"
 export RAPA_NO_VENV=1 PYTHON=python3 BASE_MODEL_NAME=$M DATA_PATH=/tmp/mg_data.jsonl MAX_STEPS=$STEPS SAVE_STEPS=100 \
   REPLAY_FRACTION=0 RETENTION_SET=none BACKEND=hf REPORT_TO=none MAX_SEQ_LENGTH=2048 BATCH_SIZE=8 GRAD_ACCUM=1 \
   HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 LORA_DROPOUT=0
