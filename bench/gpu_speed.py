@@ -46,6 +46,15 @@ ARMS = {
     "ours_12g": ("ours", {"MAX_GPU_MEMORY": "12"}),
     "ours_mb4": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),            # micro-batch capped at 4
     "ours_d005": ("ours", {"LORA_DROPOUT": "0.05"}),
+    # Experiments: keys starting with "_" are bench switches, not pipeline settings.
+    # _PADDING_FREE: padding-free batches whatever the data (the plan before it chose padded ones for equal rows);
+    # _DEQUANT: the 4-bit bases swapped for their dequantized bf16 weights (same math, no per-pass dequantization).
+    "ours_pf": ("ours", {"_PADDING_FREE": "1"}),
+    "ours_mb4_pf": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "_PADDING_FREE": "1"}),
+    "ours_mb4_pf_deq": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "_PADDING_FREE": "1", "_DEQUANT": "1"}),
+    "ours_deq": ("ours", {"_DEQUANT": "1"}),
+    "ours_mb4_deq": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "_DEQUANT": "1"}),
+    "ours_lora16": ("ours", {"USE_QLORA": "false", "BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),
 }
 
 
@@ -96,6 +105,32 @@ def datasets_for(vocab: int, fixed_rows: int, var_rows: int):
     mk = lambda rows: Dataset.from_dict({"input_ids": rows, "labels": [list(r) for r in rows]})
     return mk(fixed), mk(var), {"var_mean_len": float(lengths.mean()), "var_median_len": float(np.median(lengths)),
                                 "var_max_len": int(lengths.max()), "var_rows": var_rows}
+
+
+def dequantize_lora_bases(model) -> int:
+    """Swap each 4-bit base under a LoRA adapter for a plain Linear holding its dequantized weight.
+
+    The forward and backward then compute with exactly the weights QLoRA would dequantize on the fly, minus the
+    dequantization on every pass; the price is 2 bytes per base parameter instead of ~0.5. Returns the bytes added."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    added = 0
+    for mod in list(model.modules()):
+        base = getattr(mod, "base_layer", None)
+        if not isinstance(base, bnb.nn.Linear4bit):
+            continue
+        w = dequantize_4bit(base.weight.data, base.weight.quant_state)  # in the quant state's dtype, as QLoRA
+        lin = torch.nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=w.device,
+                              dtype=w.dtype)
+        lin.weight = torch.nn.Parameter(w, requires_grad=False)
+        if base.bias is not None:
+            lin.bias = torch.nn.Parameter(base.bias.data.to(w.dtype), requires_grad=False)
+        added += w.numel() * w.element_size() - base.weight.data.numel() * base.weight.data.element_size()
+        mod.base_layer = lin
+    torch.cuda.empty_cache()
+    return added
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,6 +195,47 @@ class Meter:
         return out
 
 
+def profiler_callback(out: Path, arm_name: str, last: int):
+    """Profile the last optimizer step: kernel table by GPU time, GPU busy share of the wall."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import TrainerCallback
+
+    class CB(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == last - 1:
+                torch.cuda.synchronize()
+                self.t0 = time.perf_counter()
+                deep = bool(os.environ.get("BENCH_PROFILE_STACK"))
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=deep,
+                                    with_stack=deep)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.prof is None:
+                return
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            ka = self.prof.key_averages()
+            # kernels only: operator rows repeat their kernels' time
+            busy = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
+            out.mkdir(parents=True, exist_ok=True)
+            head = f"{arm_name}: step wall {wall:.3f}s, GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)\n"
+            (out / f"profile_{arm_name}.txt").write_text(
+                head + ka.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=70))
+            if os.environ.get("BENCH_PROFILE_STACK"):  # where the copies and elementwise kernels come from
+                (out / f"profile_{arm_name}_stacks.txt").write_text(self.prof.key_averages(group_by_stack_n=8).table(
+                    sort_by="self_device_time_total", row_limit=40, max_name_column_width=60, max_src_column_width=400))
+                (out / f"profile_{arm_name}_shapes.txt").write_text(self.prof.key_averages(group_by_input_shape=True).table(
+                    sort_by="self_device_time_total", row_limit=60, max_name_column_width=60, max_shapes_column_width=200))
+            print(head, flush=True)
+            self.prof = None
+    return CB()
+
+
 def sft_args(out_dir: str, steps: int, micro: int, accum: int, **kw):
     from trl import SFTConfig
 
@@ -183,7 +259,13 @@ def run_workloads(make_trainer, fixed_ds, var_ds, steps: int, var_steps: int, re
         try:
             trainer = make_trainer(ds, n)
             meter.attach(trainer)
+            profiled = name == "fixed" and os.environ.get("BENCH_PROFILE") and n > WARMUP + 2
+            if profiled:
+                trainer.add_callback(profiler_callback(Path(os.environ["BENCH_PROFILE"]), result.get("arm", "arm"), n))
             trainer.train()
+            if profiled:  # the profiled (last) step is slower: keep it out of the timing
+                for xs in (meter.times, meter.tokens, meter.useful):
+                    xs.pop()
             result[name] = meter.summary()
         except Exception as e:  # noqa: BLE001 - record and go on with the next workload
             import traceback
@@ -209,7 +291,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
                    "REPLAY_FRACTION": "0", "RETENTION_SET": "", "SAVE_STEPS": "100000", "BASE_SAVE_PATH": work,
                    "CHECKPOINT_PATH": work + "/ckpt", "OVERWRITE": "1", "MAX_STEPS": str(steps), "WARMUP_RATIO": "0",
                    "SEED": str(SEED), **env}
-        cfg = RunConfig.from_env(environ, env_file=None)
+        cfg = RunConfig.from_env({k: v for k, v in environ.items() if not k.startswith("_")}, env_file=None)
         backend = model_lib.choose_backend(cfg)
     elif kind == "unsloth_raw":
         import unsloth  # noqa: F401  (first: it patches transformers, trl and peft)
@@ -262,6 +344,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
         forced = dataclasses.replace(cfg, gradient_checkpointing=p.grad_ckpt)
         p_var = train_lib.plan(forced, backend, len(var_ds), lengths=[len(x) for x in var_ds["input_ids"]],
                                keep_fixed=p.keep_layers if p.grad_ckpt == "partial" else None)
+        if env.get("_PADDING_FREE"):
+            p = dataclasses.replace(p, padding_free=True, notes=[n for n in p.notes if "padded" not in n])
         show = lambda q: {"backend": backend.name, "why": backend.why, "micro_batch": q.micro_batch,
                           "grad_accum": q.grad_accum, "grad_ckpt": q.grad_ckpt, "keep_layers": q.keep_layers,
                           "padding_free": q.padding_free, "notes": q.notes, "effective_batch": q.effective_batch}
@@ -271,6 +355,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
         set_seed(cfg.seed)
         base = model_lib.resolve_base(cfg)
         model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers)
+        if env.get("_DEQUANT"):
+            result["dequant_added_gib"] = round(dequantize_lora_bases(model) / 2**30, 2)
         paths = RunPaths.from_config(cfg)
         print(train_lib.banner(cfg, p, *train_lib._count_params(model), paths), flush=True)
 

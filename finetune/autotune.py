@@ -37,6 +37,12 @@ RECOMPUTE_DROPOUT = 0.16
 # Host-bound floor of one micro-batch in tokens' worth of GPU work (H100, 8B, Unsloth, QLoRA: 0.3 s / 70 us).
 FIXED_TOKENS = {"qlora": 4300.0, "lora": 2500.0}
 
+# Padding-free batches (rows concatenated, attention split at the row boundaries) cost this much more time per
+# token than a padded batch of the same rows on the GPU. H100, Llama-3.1-8B QLoRA, Unsloth, 8 x 2048 equal rows:
+# 14,450-14,512 tokens/s padding-free against 15,095 padded (docs/BENCHMARKS.md). So padding-free pays only when
+# padding would waste more than this share of the tokens.
+PACKED_OVERHEAD = 0.04
+
 # Saved activations per token per decoder layer, in bf16 values: a*hidden + b*intermediate. Unsloth, measured on
 # Llama-3.1-8B (H100): 120 KB per token per layer with LoRA dropout 0 (1.83 GiB per kept layer at 8 x 2048
 # tokens), plus ~37 KB of dropout masks (one byte per LoRA input element) with dropout > 0.
@@ -113,6 +119,25 @@ def token_counts(lengths: list[int] | None, seq: int, padding_free: bool):
     if padding_free:
         return (lambda m: sum(lens[:m]) + 8 * m), (lambda m: m * mean)
     return (lambda m: m * lens[0]), (lambda m: m * lens[0])
+
+
+def expected_pad_fraction(lengths: list[int], micro: int, seq: int, seed: int = 0, draws: int = 4) -> float:
+    """Share of a padded batch's tokens that are padding, for random micro-batches of these rows (each padded to
+    its longest row, as the trainer's collator does), averaged over a few seeded shuffles."""
+    import random
+
+    lens = [min(n, seq) for n in lengths]
+    if not lens:
+        return 0.0
+    rng = random.Random(seed)
+    useful = padded = 0
+    for _ in range(draws):
+        rng.shuffle(lens)
+        for i in range(0, len(lens), micro):
+            chunk = lens[i:i + micro]
+            useful += sum(chunk)
+            padded += len(chunk) * max(chunk)
+    return 1 - useful / padded
 
 
 def budget_bytes(cfg) -> float:

@@ -85,8 +85,9 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
         micro, accum = logical, cfg.grad_accum
     grad_ckpt = cfg.gradient_checkpointing
     keep, notes = 0, []
-    # Padding-free batches everywhere: no compute on pad tokens. Row boundaries are kept by position ids, which
-    # transformers turns into a block-diagonal mask (tests/data/test_packing.py checks the per-row loss).
+    # Padding-free batches by default: no compute on pad tokens. Row boundaries are kept by position ids, which
+    # transformers turns into a block-diagonal mask (tests/data/test_packing.py checks the per-row loss). On a GPU,
+    # rows of one length train faster padded (nothing to pad, no boundaries to split attention at).
     padding_free = True
     if backend.device == "cuda":
         from finetune import autotune
@@ -97,6 +98,16 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
                                         max_micro=None if cfg.batch_size == "auto" else logical,
                                         lengths=None if cfg.packing else lengths, padding_free=padding_free,
                                         keep_fixed=keep_fixed)
+        pad = autotune.expected_pad_fraction(lengths, c.micro_batch, cfg.max_seq_length, cfg.seed) \
+            if lengths and not cfg.packing else None
+        if pad is not None and pad < autotune.PACKED_OVERHEAD:
+            # Rows of (nearly) one length: padding wastes less than splitting attention at row boundaries costs.
+            padding_free = False
+            c = autotune.choose_micro_batch(cfg, logical, accum, grad_ckpt, backend.name, shape,
+                                            max_micro=None if cfg.batch_size == "auto" else logical, lengths=lengths,
+                                            padding_free=False, keep_fixed=keep_fixed)
+            notes.append(f"padded batches: the rows are of near-equal length (expected padding {pad:.1%} of tokens, "
+                         f"below the ~{autotune.PACKED_OVERHEAD:.0%} that padding-free costs on a GPU)")
         micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
         notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + autotune.describe(c, shape["layers"]))
     elif grad_ckpt == "auto":

@@ -1,0 +1,88 @@
+"""The GPU plan, decided without a GPU: the shape of Llama-3.1-8B and an H100's memory budget are given."""
+
+import random
+
+import pytest
+
+from finetune import autotune
+from finetune.config import RunConfig
+from finetune.model import Backend
+from finetune.train import plan
+
+LLAMA_31_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                   intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
+SHAPE = autotune.shape_from_config(LLAMA_31_8B)
+H100 = 0.90 * 79.1 * autotune.GIB
+GPU = Backend("unsloth", "test", "cuda")
+
+
+def gpu_cfg(tmp_path, **kw):
+    base = dict(base_model_name=str(tmp_path), data_path=str(tmp_path / "d.jsonl"), use_qlora=True,
+                max_seq_length=2048, batch_size="auto", report_to="none", lora_dropout=0.0)
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def h100(monkeypatch):
+    monkeypatch.setattr(autotune, "model_shape", lambda cfg: SHAPE)
+    monkeypatch.setattr(autotune, "budget_bytes", lambda cfg: H100 if cfg.max_gpu_memory <= 0
+                        else 0.90 * cfg.max_gpu_memory * autotune.GIB)
+
+
+def test_shape_counts_the_llama_8b_parameters():
+    assert SHAPE["layer_params"] + SHAPE["embed_params"] == pytest.approx(8.03e9, rel=0.01)
+    assert SHAPE["lora_in_out"] * 16 == 41_943_040  # LoRA r=16 on all seven projections
+
+
+def test_a_large_gpu_keeps_every_activation_and_the_effective_batch(tmp_path, h100):
+    cfg = gpu_cfg(tmp_path)
+    c = autotune.choose_micro_batch(cfg, 8, 1, "auto", "unsloth", SHAPE, H100)
+    assert (c.micro_batch, c.grad_accum, c.mode) == (8, 1, "off")
+    assert c.est_bytes <= c.budget_bytes
+
+
+@pytest.mark.parametrize("gib", [24, 12])
+def test_a_small_gpu_fits_by_recomputing_some_layers_not_by_changing_the_batch(tmp_path, gib):
+    cfg = gpu_cfg(tmp_path, max_gpu_memory=gib)
+    budget = 0.90 * gib * autotune.GIB
+    c = autotune.choose_micro_batch(cfg, 8, 1, "auto", "unsloth", SHAPE, budget)
+    assert c.micro_batch * c.grad_accum == 8
+    assert c.est_bytes <= budget
+    big = autotune.choose_micro_batch(cfg, 8, 1, "auto", "unsloth", SHAPE, H100)
+    assert c.micro_batch < big.micro_batch or c.keep_layers < big.keep_layers
+    if gib == 12:  # not even two rows' activations fit: layers are recomputed
+        assert c.mode in ("partial", "offload") and c.keep_layers < SHAPE["layers"]
+
+
+def test_nothing_fits_says_so_and_takes_the_leanest(tmp_path):
+    c = autotune.choose_micro_batch(gpu_cfg(tmp_path), 8, 1, "auto", "unsloth", SHAPE, 2 * autotune.GIB)
+    assert (c.micro_batch, c.mode) == (1, "offload") and "nothing fits" in c.note
+
+
+def test_expected_pad_fraction():
+    assert autotune.expected_pad_fraction([2048] * 64, 8, 2048) == 0.0
+    assert autotune.expected_pad_fraction([100, 300] * 8, 1, 2048) == 0.0  # one row per batch: nothing to pad
+    # two rows, 100 and 300 tokens, in one batch: 600 padded tokens for 400 useful
+    assert autotune.expected_pad_fraction([100, 300], 2, 2048) == pytest.approx(1 / 3)
+    assert autotune.expected_pad_fraction([5000, 10], 2, 2048) == pytest.approx(1 - 2058 / 4096)  # cut at seq
+
+
+def test_equal_length_rows_train_padded_on_a_gpu(tmp_path, h100):
+    p = plan(gpu_cfg(tmp_path), GPU, 64, lengths=[2048] * 64)
+    assert not p.padding_free
+    assert any("padded batches" in n for n in p.notes)
+
+
+def test_varied_length_rows_train_padding_free_on_a_gpu(tmp_path, h100):
+    rng = random.Random(0)
+    lengths = [min(2048, max(32, int(rng.lognormvariate(5.7, 1.0)))) for _ in range(256)]
+    p = plan(gpu_cfg(tmp_path), GPU, len(lengths), lengths=lengths)
+    assert p.padding_free
+    assert p.micro_batch * p.grad_accum == 8
+    assert not any("padded batches" in n for n in p.notes)
+
+
+def test_the_cpu_plan_is_padding_free_and_as_configured(tmp_path):
+    p = plan(gpu_cfg(tmp_path, batch_size="4", grad_accum=2), Backend("hf", "test", "cpu"), 64,
+             lengths=[2048] * 64)
+    assert p.padding_free and (p.micro_batch, p.grad_accum, p.grad_ckpt) == (4, 2, "off")
