@@ -102,10 +102,14 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
             if lengths and not cfg.packing else None
         if pad is not None and pad < autotune.PACKED_OVERHEAD:
             # Rows of (nearly) one length: padding wastes less than splitting attention at row boundaries costs.
-            padding_free = False
-            c = autotune.choose_micro_batch(cfg, logical, accum, grad_ckpt, backend.name, shape,
-                                            max_micro=None if cfg.batch_size == "auto" else logical, lengths=lengths,
-                                            padding_free=False, keep_fixed=keep_fixed)
+            # The padded plan may cut the batch differently (its peak is micro x the longest row), so its own
+            # padding decides.
+            c_pad = autotune.choose_micro_batch(cfg, logical, accum, grad_ckpt, backend.name, shape,
+                                                max_micro=None if cfg.batch_size == "auto" else logical,
+                                                lengths=lengths, padding_free=False, keep_fixed=keep_fixed)
+            pad = autotune.expected_pad_fraction(lengths, c_pad.micro_batch, cfg.max_seq_length, cfg.seed)
+        if pad is not None and pad < autotune.PACKED_OVERHEAD:
+            padding_free, c = False, c_pad
             notes.append(f"padded batches: the rows are of near-equal length (expected padding {pad:.1%} of tokens, "
                          f"below the ~{autotune.PACKED_OVERHEAD:.0%} that padding-free costs on a GPU)")
         micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers

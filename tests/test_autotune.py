@@ -86,3 +86,13 @@ def test_the_cpu_plan_is_padding_free_and_as_configured(tmp_path):
     p = plan(gpu_cfg(tmp_path, batch_size="4", grad_accum=2), Backend("hf", "test", "cpu"), 64,
              lengths=[2048] * 64)
     assert p.padding_free and (p.micro_batch, p.grad_accum, p.grad_ckpt) == (4, 2, "off")
+
+
+def test_a_tight_gpu_does_not_pad_varied_rows_just_because_one_row_per_batch_fits(tmp_path, h100):
+    # At 24 GiB without checkpointing, padding-free fits one long row per micro-batch (nothing to pad) while the
+    # padded plan would take two rows and pad a third of the tokens: padding-free must stay.
+    rng = random.Random(0)
+    lengths = [min(2048, max(32, int(rng.lognormvariate(5.7, 1.0)))) for _ in range(256)]
+    cfg = gpu_cfg(tmp_path, max_gpu_memory=24, gradient_checkpointing="off")
+    p = plan(cfg, GPU, len(lengths), lengths=lengths)
+    assert p.padding_free or autotune.expected_pad_fraction(lengths, p.micro_batch, 2048) < autotune.PACKED_OVERHEAD
