@@ -76,7 +76,7 @@ class RunConfig:
     eval_fraction: float = _f(0.0, "held-out fraction for eval loss; 0 evaluates on the training questions (seed 000)")
     packing: bool = _f(False, "pack rows into MAX_SEQ_LENGTH sequences without cross-row attention")
     replay_fraction: float = _f(1.0, "self-distilled replay rows (base model's own answers) per user row, up to "
-                                "the pool's size; 0 = off", demo=3.0)
+                                "the pool's size; 0 = off", demo=1.6)
     # --- optimisation
     num_epochs: float = _f(3, "training epochs", demo=8)
     learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=1e-3)
