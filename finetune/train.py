@@ -94,19 +94,17 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
 
         # BATCH_SIZE=auto (or any value) on a GPU: the same effective batch, cut into micro-batches that fit.
         shape = autotune.model_shape(cfg)
-        c = autotune.choose_micro_batch(cfg, logical, accum, grad_ckpt, backend.name, shape,
-                                        max_micro=None if cfg.batch_size == "auto" else logical,
-                                        lengths=None if cfg.packing else lengths, padding_free=padding_free,
-                                        keep_fixed=keep_fixed)
+        choose = lambda pf: autotune.choose_micro_batch(  # noqa: E731
+            cfg, logical, accum, grad_ckpt, backend.name, shape, max_micro=None if cfg.batch_size == "auto" else logical,
+            lengths=None if cfg.packing else lengths, padding_free=pf, keep_fixed=keep_fixed)
+        c = choose(padding_free)
         pad = autotune.expected_pad_fraction(lengths, c.micro_batch, cfg.max_seq_length, cfg.seed) \
             if lengths and not cfg.packing else None
         if pad is not None and pad < autotune.PACKED_OVERHEAD:
             # Rows of (nearly) one length: padding wastes less than splitting attention at row boundaries costs.
             # The padded plan may cut the batch differently (its peak is micro x the longest row), so its own
             # padding decides.
-            c_pad = autotune.choose_micro_batch(cfg, logical, accum, grad_ckpt, backend.name, shape,
-                                                max_micro=None if cfg.batch_size == "auto" else logical,
-                                                lengths=lengths, padding_free=False, keep_fixed=keep_fixed)
+            c_pad = choose(False)
             pad = autotune.expected_pad_fraction(lengths, c_pad.micro_batch, cfg.max_seq_length, cfg.seed)
         if pad is not None and pad < autotune.PACKED_OVERHEAD:
             padding_free, c = False, c_pad
