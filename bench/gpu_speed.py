@@ -208,9 +208,9 @@ def profiler_callback(out: Path, arm_name: str, last: int):
             if state.global_step == last - 1:
                 torch.cuda.synchronize()
                 self.t0 = time.perf_counter()
-                deep = bool(os.environ.get("BENCH_PROFILE_STACK"))
-                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=deep,
-                                    with_stack=deep)
+                self.deep = bool(os.environ.get("BENCH_PROFILE_STACK"))
+                self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=self.deep,
+                                    with_stack=self.deep)
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kw):
@@ -226,7 +226,7 @@ def profiler_callback(out: Path, arm_name: str, last: int):
             head = f"{arm_name}: step wall {wall:.3f}s, GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)\n"
             (out / f"profile_{arm_name}.txt").write_text(
                 head + ka.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=70))
-            if os.environ.get("BENCH_PROFILE_STACK"):  # where the copies and elementwise kernels come from
+            if self.deep:  # where the copies and elementwise kernels come from
                 (out / f"profile_{arm_name}_stacks.txt").write_text(self.prof.key_averages(group_by_stack_n=8).table(
                     sort_by="self_device_time_total", row_limit=40, max_name_column_width=60, max_src_column_width=400))
                 (out / f"profile_{arm_name}_shapes.txt").write_text(self.prof.key_averages(group_by_input_shape=True).table(
