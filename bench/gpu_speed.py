@@ -55,6 +55,10 @@ ARMS = {
     "ours_deq": ("ours", {"_DEQUANT": "1"}),
     "ours_mb4_deq": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "_DEQUANT": "1"}),
     "ours_lora16": ("ours", {"USE_QLORA": "false", "BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),
+    # _NOGUARD: no finiteness check of the loss (it syncs the host every micro-batch); _OPTIM: another optimizer.
+    "ours_unslothlora": ("ours", {"LORA_KERNELS": "unsloth"}),   # Unsloth's own LoRA kernels (before fast_lora)
+    "ours_noguard": ("ours", {"_NOGUARD": "1"}),
+    "ours_fusedadam": ("ours", {"_OPTIM": "adamw_torch_fused"}),
 }
 
 
@@ -231,9 +235,61 @@ def profiler_callback(out: Path, arm_name: str, last: int):
                     sort_by="self_device_time_total", row_limit=40, max_name_column_width=60, max_src_column_width=400))
                 (out / f"profile_{arm_name}_shapes.txt").write_text(self.prof.key_averages(group_by_input_shape=True).table(
                     sort_by="self_device_time_total", row_limit=60, max_name_column_width=60, max_shapes_column_width=200))
+            if os.environ.get("BENCH_TRACE"):  # where the GPU waits: the gaps between kernels, and the host ops then
+                (out / f"profile_{arm_name}_gaps.txt").write_text(head + gap_report(self.prof))
+                trace = out / f"trace_{arm_name}.json"
+                self.prof.export_chrome_trace(str(trace))
+                subprocess.run(["gzip", "-f", str(trace)], check=False)
             print(head, flush=True)
             self.prof = None
     return CB()
+
+
+def gap_report(prof, min_gap_us: float = 50.0, top: int = 30) -> str:
+    """GPU idle intervals of a profiled step and the host (CPU) ops running during them, largest first."""
+    import collections
+
+    import torch
+
+    evs = prof.events()
+    cuda_t = torch.autograd.DeviceType.CUDA
+    ks = sorted((e.time_range.start, e.time_range.end) for e in evs if e.device_type == cuda_t)
+    cpu = [e for e in evs if e.device_type != cuda_t]
+    if not ks:
+        return "no kernels\n"
+    t_begin = min(e.time_range.start for e in cpu) if cpu else ks[0][0]
+    t_end = max(e.time_range.end for e in cpu) if cpu else ks[-1][1]
+    gaps, cur_s, cur_e = [], ks[0][0], ks[0][1]
+    if ks[0][0] - t_begin > min_gap_us:
+        gaps.append((t_begin, ks[0][0]))
+    for s, e in ks[1:]:
+        if s > cur_e + min_gap_us:
+            gaps.append((cur_e, s))
+        cur_e = max(cur_e, e)
+    if t_end - cur_e > min_gap_us:
+        gaps.append((cur_e, t_end))
+    total = sum(b - a for a, b in gaps)
+    by_name = collections.Counter()
+    lines = [f"GPU idle: {total / 1e3:.1f} ms in {len(gaps)} gaps > {min_gap_us:.0f} us "
+             f"(profiled span {(t_end - t_begin) / 1e3:.1f} ms)\n"]
+    detail = []
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        ov = collections.Counter()
+        for e in cpu:
+            o = min(b, e.time_range.end) - max(a, e.time_range.start)
+            if o > 0:
+                ov[e.name] += o
+        detail.append(f"gap {(b - a) / 1e3:8.2f} ms at +{(a - t_begin) / 1e3:8.1f} ms: " + "; ".join(
+            f"{n[:60]} {v / 1e3:.2f}" for n, v in ov.most_common(10)))
+    for a, b in gaps:
+        for e in cpu:
+            o = min(b, e.time_range.end) - max(a, e.time_range.start)
+            if o > 0:
+                by_name[e.name] += o
+    lines.append("host ops overlapping the gaps, summed (ms; nested ops count in each level):")
+    lines += [f"  {v / 1e3:9.2f}  {n[:100]}" for n, v in by_name.most_common(40)]
+    lines.append("\nlargest gaps (host ops overlapping each, ms):")
+    return "\n".join(lines + detail) + "\n"
 
 
 def sft_args(out_dir: str, steps: int, micro: int, accum: int, **kw):
@@ -363,7 +419,14 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
         def make(ds, n):
             c = dataclasses.replace(cfg, max_steps=n)
             q = p_var if ds is var_ds else p
-            return train_lib._build_trainer(c, paths, model, tok, q, ds, None, train_lib.Faults(), print)
+            t = train_lib._build_trainer(c, paths, model, tok, q, ds, None, train_lib.Faults(), print)
+            if env.get("_NOGUARD"):  # without the per-micro-batch finiteness check (a host sync)
+                from trl import SFTTrainer
+                t.compute_loss = SFTTrainer.compute_loss.__get__(t)
+            if env.get("_OPTIM"):
+                from transformers.training_args import OptimizerNames
+                t.args.optim = OptimizerNames(env["_OPTIM"])
+            return t
     result["load_s"] = round(time.time() - t0, 1)
     dump()
     run_workloads(make, fixed_ds, var_ds, steps, var_steps, result, dump)

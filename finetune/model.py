@@ -174,6 +174,9 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
         load_in_16bit=not cfg.use_qlora, use_gradient_checkpointing=ckpt, random_state=cfg.seed,
         local_files_only=Path(base).is_dir())
     _match_vocab(model, tok)
+    from finetune import fast_lora
+
+    fast_lora.install() if cfg.lora_kernels == "fast" else fast_lora.uninstall()
     extra = {"checkpoint_skip_layers": keep_layers} if grad_ckpt == "partial" and keep_layers > 0 else {}
     return FastLanguageModel.get_peft_model(
         model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",

@@ -260,7 +260,8 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
         f"[train] rows {p.rows}; effective batch {p.effective_batch} = micro-batch {p.micro_batch} x grad-accum "
         f"{p.grad_accum} x {p.world_size} process(es); {p.steps_per_epoch} steps/epoch, {p.total_steps} steps total",
         f"[train] LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} targets={cfg.target_modules};"
-        f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)",
+        f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+        + (f"; LoRA kernels {cfg.lora_kernels}" if p.backend == "unsloth" else ""),
         f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}); gradient checkpointing {ckpt};"
         f" checkpoints every {cfg.save_steps} steps in {paths.checkpoints}",
         *[f"[train] {n}" for n in p.notes],
