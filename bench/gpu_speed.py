@@ -74,7 +74,8 @@ def build(model_dir: Path, tokenizer_dir: Path | None, vocab: int = 128256) -> f
     if tokenizer_dir:
         tc = json.loads((tokenizer_dir / "config.json").read_text()) if (tokenizer_dir / "config.json").is_file() else {}
         extra = {k: tc[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in tc}
-    cfg = LlamaConfig(**{**LLAMA_31_8B, "vocab_size": vocab}, **extra)
+    layers = int(os.environ.get("BENCH_LAYERS", LLAMA_31_8B["num_hidden_layers"]))  # fewer: quick diagnostics
+    cfg = LlamaConfig(**{**LLAMA_31_8B, "vocab_size": vocab, "num_hidden_layers": layers}, **extra)
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -292,6 +293,40 @@ def gap_report(prof, min_gap_us: float = 50.0, top: int = 30) -> str:
     return "\n".join(lines + detail) + "\n"
 
 
+def count_lora_paths() -> dict:
+    """Which fused LoRA Functions run, and why Unsloth's router declines one (diagnostic, BENCH_COUNT_LORA=1)."""
+    import collections
+
+    import torch
+    import unsloth.kernels.fast_lora as ufl
+
+    counts: dict = collections.Counter()
+    for cls in (ufl.LoRA_QKV, ufl.LoRA_MLP, ufl.LoRA_W):
+        fwd = cls.forward
+
+        def counted(ctx, *a, _f=fwd, _n=cls.__name__):
+            counts[_n + (" ours" if getattr(ctx, "_rapa_fast", None) is not False else "")] += 1
+            out = _f(ctx, *a)
+            if getattr(ctx, "_rapa_fast", None) is False:
+                counts[_n + " unsloth's own"] += 1
+            return out
+        cls.forward = staticmethod(counted)
+    route, mismatch = ufl._lora_dropout_and_bias, ufl._autocast_dtype_mismatch
+
+    def routed(projs, X):
+        r = route(projs, X)
+        counts[f"router {len(projs)} projs -> {'peft' if r is None else 'fused'}; X {X.dtype}, autocast "
+               f"{torch.is_autocast_enabled('cuda')} {torch.get_autocast_dtype('cuda')}"] += 1
+        return r
+
+    def mism(X):
+        r = mismatch(X)
+        counts[f"autocast dtype mismatch {r}"] += 1
+        return r
+    ufl._lora_dropout_and_bias, ufl._autocast_dtype_mismatch = routed, mism
+    return counts
+
+
 def sft_args(out_dir: str, steps: int, micro: int, accum: int, **kw):
     from trl import SFTConfig
 
@@ -414,6 +449,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
         if env.get("_DEQUANT"):
             result["dequant_added_gib"] = round(dequantize_lora_bases(model) / 2**30, 2)
         paths = RunPaths.from_config(cfg)
+        if os.environ.get("BENCH_COUNT_LORA"):
+            result["lora_paths"] = count_lora_paths()
         print(train_lib.banner(cfg, p, *train_lib._count_params(model), paths), flush=True)
 
         def make(ds, n):
@@ -430,6 +467,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
     result["load_s"] = round(time.time() - t0, 1)
     dump()
     run_workloads(make, fixed_ds, var_ds, steps, var_steps, result, dump)
+    if isinstance(result.get("lora_paths"), dict):
+        result["lora_paths"] = dict(result["lora_paths"])
     result["total_s"] = round(time.time() - t0, 1)
     dump()
 

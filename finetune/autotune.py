@@ -204,6 +204,17 @@ def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, ba
     return weights + lora + acts + logits + 1.0 * GIB       # + workspace and allocator slack
 
 
+def useful_token_times(cfg, shape: dict, lengths: list[int], c_pf: Choice, c_pad: Choice) -> tuple[float, float, float]:
+    """(padding-free, padded) relative time per useful token of the two plans, and the padded plan's padding."""
+    seq = cfg.max_seq_length
+    mean = sum(min(n, seq) for n in lengths) / max(len(lengths), 1)
+    pad = expected_pad_fraction(lengths, c_pad.micro_batch, seq, cfg.seed)
+    t = lambda c, tokens: time_per_token(shape, tokens, c.mode, cfg.use_qlora, c.keep_layers, cfg.lora_dropout)
+    t_pf = t(c_pf, c_pf.micro_batch * mean) * (1 + PACKED_OVERHEAD)
+    t_pad = t(c_pad, c_pad.micro_batch * mean / (1 - pad)) / (1 - pad)
+    return t_pf, t_pad, pad
+
+
 def time_per_token(shape: dict, tokens: float, mode: str, qlora: bool, keep: int = 0, dropout: float = 0.0) -> float:
     """Relative time per token of a micro-batch of `tokens` tokens."""
     L = shape["layers"]

@@ -98,18 +98,17 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
             cfg, logical, accum, grad_ckpt, backend.name, shape, max_micro=None if cfg.batch_size == "auto" else logical,
             lengths=None if cfg.packing else lengths, padding_free=pf, keep_fixed=keep_fixed)
         c = choose(padding_free)
-        pad = autotune.expected_pad_fraction(lengths, c.micro_batch, cfg.max_seq_length, cfg.seed) \
-            if lengths and not cfg.packing else None
-        if pad is not None and pad < autotune.PACKED_OVERHEAD:
-            # Rows of (nearly) one length: padding wastes less than splitting attention at row boundaries costs.
-            # The padded plan may cut the batch differently (its peak is micro x the longest row), so its own
-            # padding decides.
+        if lengths and not cfg.packing:
+            # Padded or padding-free, whichever is estimated faster per useful (non-pad) token. Padding-free never
+            # computes on pads but pays for splitting attention at row boundaries; padded rows of one length pay
+            # nothing, and on a small GPU the padded plan may fit more rows per micro-batch (its peak is micro x
+            # the longest row, padding-free's the sum of the longest rows plus separators).
             c_pad = choose(False)
-            pad = autotune.expected_pad_fraction(lengths, c_pad.micro_batch, cfg.max_seq_length, cfg.seed)
-        if pad is not None and pad < autotune.PACKED_OVERHEAD:
-            padding_free, c = False, c_pad
-            notes.append(f"padded batches: the rows are of near-equal length (expected padding {pad:.1%} of tokens, "
-                         f"below the ~{autotune.PACKED_OVERHEAD:.0%} that padding-free costs on a GPU)")
+            t_pf, t_pad, pad = autotune.useful_token_times(cfg, shape, lengths, c, c_pad)
+            if t_pad < t_pf:
+                padding_free, c = False, c_pad
+                notes.append(f"padded batches: estimated {t_pf / t_pad:.2f}x faster per useful token than padding-free "
+                             f"(micro-batch {c_pad.micro_batch}, expected padding {pad:.1%} of tokens)")
         micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
         notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + autotune.describe(c, shape["layers"]))
     elif grad_ckpt == "auto":
