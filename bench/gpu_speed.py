@@ -56,7 +56,7 @@ ARMS = {
     "ours_mb4_deq": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "_DEQUANT": "1"}),
     "ours_lora16": ("ours", {"USE_QLORA": "false", "BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),
     # _NOGUARD: no finiteness check of the loss (it syncs the host every micro-batch); _OPTIM: another optimizer.
-    "ours_unslothlora": ("ours", {"LORA_KERNELS": "unsloth"}),   # Unsloth's own LoRA kernels (before fast_lora)
+    "ours_fastlora": ("ours", {"LORA_KERNELS": "fast"}),          # finetune/fast_lora.py instead of Unsloth's own
     "ours_noguard": ("ours", {"_NOGUARD": "1"}),
     "ours_fusedadam": ("ours", {"_OPTIM": "adamw_torch_fused"}),
 }

@@ -166,6 +166,10 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckp
 def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: int = 0):  # pragma: no cover - GPU
     from unsloth import FastLanguageModel
 
+    if cfg.replay_loss == "kl":  # the KL replay loss needs logits; Unsloth's fused loss skips them otherwise
+        import os
+        os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
+
     # off: every layer keeps its activations; on: standard recompute; offload/partial: Unsloth's offloaded
     # checkpointing, with `keep_layers` layers exempt from it under partial.
     ckpt = {"off": False, "on": True, "offload": "unsloth", "partial": "unsloth"}[grad_ckpt]

@@ -137,7 +137,7 @@ def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
         replay = read(paths.replay_file)
         k = min(len(replay), max(1, round(cfg.replay_fraction * len(train))))
         # A seeded sample, not the first k: the pool is ordered by kind (long-form, then short facts, then Korean).
-        train += random.Random(cfg.seed).sample(replay, k) if replay else []
+        train += [{**r, "replay": True} for r in random.Random(cfg.seed).sample(replay, k)] if replay else []
     held_out = read(paths.eval_file) if cfg.eval_fraction > 0 else []
     return train, held_out
 
@@ -150,7 +150,10 @@ def to_dataset(rows: list[dict], tok, cfg: RunConfig):
         e = encode(tok, r, cfg.max_seq_length, cfg.train_on_inputs)
         ids.append(e.input_ids)
         labels.append(e.labels)
-    return Dataset.from_dict({"input_ids": ids, "labels": labels})
+    cols = {"input_ids": ids, "labels": labels}
+    if cfg.replay_loss == "kl":  # which rows are replay: their loss is the KL to the base model (ReplayKL)
+        cols["replay"] = [int(bool(r.get("replay"))) for r in rows]
+    return Dataset.from_dict(cols)
 
 
 def data_fingerprint(paths: RunPaths) -> str:
@@ -313,13 +316,62 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
         dataloader_num_workers=0,
         disable_tqdm=False,
         save_only_model=False,
+        remove_unused_columns=cfg.replay_loss != "kl",  # keep the "replay" column for the collator below
     )
     # The fault callback runs before the seal so that a simulated crash lands between the write and the marker.
     callbacks = [_MetricsCallback(paths.metrics), _FaultCallback(faults), _SealCallback(cfg, paths, p, log), _SignalCallback()]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    return _GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                              processing_class=tok, callbacks=callbacks, faults=faults)
+    trainer = _GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                 processing_class=tok, callbacks=callbacks, faults=faults)
+    if cfg.replay_loss == "kl":
+        trainer.data_collator = ReplayMaskCollator(trainer.data_collator)
+    return trainer
+
+
+class ReplayMaskCollator:
+    """trl's collator, plus `replay_mask`: the label positions (labels != -100) that belong to replay rows, for
+    padded batches ([rows, longest]) and padding-free ones (one concatenated row) alike."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        import torch
+
+        flags = torch.tensor([bool(e.get("replay", 0)) for e in examples])
+        batch = self.inner([{k: v for k, v in e.items() if k != "replay"} for e in examples])
+        labels = batch["labels"]
+        if "attention_mask" in batch:  # padded: one row per example
+            rows = flags[:, None].expand_as(labels)
+        else:                          # padding-free: examples concatenated, then padded on the right
+            lens = torch.tensor([len(e["input_ids"]) for e in examples])
+            rows = torch.zeros_like(labels, dtype=torch.bool)
+            rows[0, :int(lens.sum())] = torch.repeat_interleave(flags, lens)
+        batch["replay_mask"] = rows & (labels != -100)
+        return batch
+
+
+def replay_kl_loss(model, inputs: dict, replay_mask, num_items_in_batch=None):
+    """Cross-entropy on the user's label tokens plus KL(base || tuned) on the replay rows' label tokens, summed
+    and divided by all label tokens (as the plain loss is). The base is the same model with the adapter off."""
+    import torch
+
+    feed = {k: v for k, v in inputs.items() if k != "labels"}
+    labels = inputs["labels"]
+    peft_model = getattr(model, "module", model)
+    with torch.no_grad(), peft_model.disable_adapter():
+        base_logits = model(**feed).logits[:, :-1]
+    outputs = model(**feed)
+    logp = outputs.logits[:, :-1].float().log_softmax(-1)
+    target, rep = labels[:, 1:], replay_mask[:, 1:]
+    valid = target != -100
+    user = valid & ~rep
+    ce = -logp[user].gather(-1, target[user][:, None]).sum()
+    p_base = base_logits[rep].float().softmax(-1)
+    kl = (p_base * (p_base.clamp_min(1e-30).log() - logp[rep])).sum()
+    n = num_items_in_batch if num_items_in_batch is not None else valid.sum()
+    return (ce + kl) / n, outputs
 
 
 def _save_adapter(cfg, paths: RunPaths, trainer, tok, p: TrainPlan, is_main: bool = True) -> Path:
@@ -366,8 +418,14 @@ class _GuardedSFTTrainer(SFTTrainer):
         super().__init__(*a, **kw)
         self._faults = faults
 
-    def compute_loss(self, model, inputs, *a, **kw):
-        out = super().compute_loss(model, inputs, *a, **kw)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        replay_mask = inputs.pop("replay_mask", None)
+        if replay_mask is not None and bool(replay_mask.any()):
+            loss, outputs = replay_kl_loss(model, inputs, replay_mask, num_items_in_batch)
+            out = (loss, outputs) if return_outputs else loss
+        else:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
         loss = out[0] if isinstance(out, tuple) else out
         if self._faults.nan_at_step == self.state.global_step + 1 and model.training:
             loss = loss * float("nan")  # fault injection for tests

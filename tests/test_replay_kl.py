@@ -1,0 +1,66 @@
+"""The KL replay loss (REPLAY_LOSS=kl): replay tokens are marked in padded and padding-free batches, and the loss is
+cross-entropy on the user's tokens plus KL(base || tuned) on the replay tokens."""
+
+import pytest
+import torch
+
+from finetune.train import ReplayMaskCollator, replay_kl_loss
+
+
+def _examples():
+    # A user row (label on its last two tokens) and a replay row (labels on its last three).
+    return [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8], "replay": 0},
+            {"input_ids": [9, 10, 11, 12, 13], "labels": [-100, -100, 11, 12, 13], "replay": 1}]
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_the_collator_marks_exactly_the_replay_rows_label_tokens(padding_free):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    batch = ReplayMaskCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free))(_examples())
+    mask = batch["replay_mask"]
+    assert mask.shape == batch["labels"].shape and "replay" not in batch
+    if padding_free:
+        assert mask[0].tolist() == [False] * 4 + [False, False, True, True, True]
+    else:
+        assert mask.tolist() == [[False] * 5, [False, False, True, True, True]]
+
+
+def _tiny_peft(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+
+def test_with_the_adapter_still_zero_the_replay_part_is_zero(tiny_llama_dir):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = _tiny_peft(tiny_llama_dir)  # B = 0: tuned == base, so KL = 0 and only the user's CE remains
+    batch = ReplayMaskCollator(DataCollatorForLanguageModeling(pad_token_id=0))(_examples())
+    mask = batch.pop("replay_mask")
+    loss, out = replay_kl_loss(model, batch, mask)
+    logp = out.logits[:, :-1].float().log_softmax(-1)
+    tgt = batch["labels"][:, 1:]
+    user = (tgt != -100) & ~mask[:, 1:]
+    ce = -logp[user].gather(-1, tgt[user][:, None]).sum()
+    assert loss.item() == pytest.approx((ce / (tgt != -100).sum()).item(), rel=1e-5)
+
+
+def test_a_drifted_adapter_pays_kl_on_replay_tokens_and_gets_a_gradient(tiny_llama_dir):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = _tiny_peft(tiny_llama_dir)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    batch = ReplayMaskCollator(DataCollatorForLanguageModeling(pad_token_id=0))(_examples())
+    mask = batch.pop("replay_mask")
+    only_user = replay_kl_loss(model, batch, torch.zeros_like(mask))[0]  # every label token counted as the user's
+    loss, _ = replay_kl_loss(model, batch, mask)
+    assert loss.item() != pytest.approx(only_user.item())
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
