@@ -80,9 +80,10 @@ class RunConfig:
     packing: bool = _f(False, "pack rows into MAX_SEQ_LENGTH sequences without cross-row attention")
     replay_fraction: float = _f(1.0, "self-distilled replay rows (base model's own answers) per user row, up to "
                                 "the pool's size; 0 = off", demo=1.6)
-    replay_loss: str = _f("sft", "sft | kl: train replay rows on the base's greedy answers (sft), or match the base "
-                          "model's whole next-token distribution on them (kl; one extra no-grad forward per batch)",
-                          ("sft", "kl"))
+    replay_loss: str = _f("auto", "auto | sft | kl: train replay rows on the base's greedy answers (sft), or on the base "
+                          "model's whole next-token distribution (kl: one extra no-grad forward per batch); auto = kl on "
+                          "a CPU, sft on a GPU (kl's full-vocabulary logits are not in the GPU memory plan yet)",
+                          ("auto", "sft", "kl"))
     # --- optimisation
     num_epochs: float = _f(3, "training epochs", demo=8)
     learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=1e-3)

@@ -7,6 +7,7 @@ skips the batches already seen, so the sample order equals an uninterrupted run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -142,6 +143,13 @@ def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
+def resolve_replay_loss(cfg: RunConfig, backend: model_lib.Backend) -> str:
+    """REPLAY_LOSS=auto: the KL loss where it was measured (CPU, docs/QUALITY.md), plain SFT on a GPU."""
+    if cfg.replay_loss != "auto":
+        return cfg.replay_loss
+    return "kl" if backend.device == "cpu" and cfg.replay_fraction > 0 else "sft"
+
+
 def to_dataset(rows: list[dict], tok, cfg: RunConfig):
     from datasets import Dataset
 
@@ -166,6 +174,7 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
           faults: Faults | None = None, world_size: int = 1, is_main: bool = True, log=print) -> Path:
     """Train and write the adapter to `paths.adapters`; return that folder."""
     faults = faults or Faults()
+    cfg = dataclasses.replace(cfg, replay_loss=resolve_replay_loss(cfg, backend))
     train_rows, eval_rows = load_rows(paths, cfg)
     if not train_rows:
         raise ConfigError(f"no prepared training data in {paths.train_file}: run JOB=prepare (or JOB=train) first")
@@ -265,6 +274,7 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
         f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
         + (f"; LoRA kernels {cfg.lora_kernels}" if p.backend == "unsloth" else ""),
         f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}); gradient checkpointing {ckpt};"
+        f" replay loss {cfg.replay_loss if cfg.replay_fraction > 0 else 'off'};"
         f" checkpoints every {cfg.save_steps} steps in {paths.checkpoints}",
         *[f"[train] {n}" for n in p.notes],
         *(["[train] padding-free batches: rows concatenated, no pad tokens"] if p.padding_free and not cfg.packing else []),

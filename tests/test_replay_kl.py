@@ -64,3 +64,16 @@ def test_a_drifted_adapter_pays_kl_on_replay_tokens_and_gets_a_gradient(tiny_lla
     assert loss.item() != pytest.approx(only_user.item())
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def test_auto_takes_kl_on_a_cpu_and_sft_on_a_gpu(tmp_path):
+    from finetune.config import RunConfig
+    from finetune.model import Backend
+    from finetune.train import resolve_replay_loss
+
+    cfg = RunConfig(base_model_name=str(tmp_path), report_to="none")
+    assert cfg.replay_loss == "auto"
+    assert resolve_replay_loss(cfg, Backend("hf", "test", "cpu")) == "kl"
+    assert resolve_replay_loss(cfg, Backend("unsloth", "test", "cuda")) == "sft"
+    assert resolve_replay_loss(RunConfig(base_model_name=str(tmp_path), report_to="none", replay_loss="kl"),
+                               Backend("unsloth", "test", "cuda")) == "kl"
