@@ -85,7 +85,7 @@ class RunConfig:
                           "a CPU, sft on a GPU (kl's full-vocabulary logits are not in the GPU memory plan yet)",
                           ("auto", "sft", "kl"))
     # --- optimisation
-    num_epochs: float = _f(3, "training epochs", demo=8)
+    num_epochs: float = _f(3, "training epochs", demo=9)
     learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=1e-3)
     batch_size: str = _f("auto", "per-device batch, or auto (8; on a GPU split into micro-batches that fit)")
     grad_accum: int = _f(1, "gradient accumulation steps")

@@ -57,7 +57,7 @@ def test_misspelled_variable_in_environment_is_an_error_but_unrelated_ones_are_n
 
 def test_demo_preset_only_when_model_and_data_are_the_embedded_defaults():
     demo = RunConfig.from_env({}, None)
-    assert demo.num_epochs == 8 and demo.learning_rate == 1e-3 and demo.batch_size == "auto"
+    assert demo.num_epochs == 9 and demo.learning_rate == 1e-3 and demo.batch_size == "auto"
     assert demo.use_qlora is False and demo.replay_fraction == 1.6
     user = RunConfig.from_env({"DATA_PATH": "my.json"}, None)
     assert user.num_epochs == 3 and user.use_qlora is False and user.lr == 5e-6  # the bundled model: plain LoRA
