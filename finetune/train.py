@@ -159,7 +159,7 @@ def to_dataset(rows: list[dict], tok, cfg: RunConfig):
         ids.append(e.input_ids)
         labels.append(e.labels)
     cols = {"input_ids": ids, "labels": labels}
-    if cfg.replay_loss == "kl":  # which rows are replay: their loss is the KL to the base model (ReplayKL)
+    if cfg.replay_loss == "kl":  # which rows are replay: their loss is the KL to the base model (replay_kl_loss)
         cols["replay"] = [int(bool(r.get("replay"))) for r in rows]
     return Dataset.from_dict(cols)
 
