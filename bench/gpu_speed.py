@@ -305,10 +305,9 @@ def count_lora_paths() -> dict:
         fwd = cls.forward
 
         def counted(ctx, *a, _f=fwd, _n=cls.__name__):
-            counts[_n + (" ours" if getattr(ctx, "_rapa_fast", None) is not False else "")] += 1
             out = _f(ctx, *a)
-            if getattr(ctx, "_rapa_fast", None) is False:
-                counts[_n + " unsloth's own"] += 1
+            # The router sets _rapa_fast (True: fast_lora ran); without LORA_KERNELS=fast there is no router.
+            counts[_n + (" fast_lora" if getattr(ctx, "_rapa_fast", False) else " unsloth's own")] += 1
             return out
         cls.forward = staticmethod(counted)
     route, mismatch = ufl._lora_dropout_and_bias, ufl._autocast_dtype_mismatch
