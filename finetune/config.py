@@ -84,6 +84,8 @@ class RunConfig:
                           "model's whole next-token distribution (kl: one extra no-grad forward per batch); auto = kl on "
                           "a CPU, sft on a GPU (kl's full-vocabulary logits are not in the GPU memory plan yet)",
                           ("auto", "sft", "kl"))
+    replay_weight: float = _f(1.0, "kl replay: weight of each replay token's KL against one user token's cross-entropy "
+                              "(higher keeps the model closer to the base)")
     # --- optimisation
     num_epochs: float = _f(3, "training epochs", demo=9)
     learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=1e-3)
@@ -148,7 +150,7 @@ class RunConfig:
         """The fields a resume must not change (it would train a different thing)."""
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
                 "grad_accum", "data_format", "qa_with_context", "train_on_inputs", "chat_template", "packing",
-                "replay_fraction", "replay_loss", "seed", "num_epochs", "lora_dropout")
+                "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout")
         return {k: getattr(self, k) for k in keys}
 
     # ------------------------------------------------------------------------------------------------
@@ -215,6 +217,10 @@ class RunConfig:
         need(0 <= self.data_max_reject_fraction <= 1, f"DATA_MAX_REJECT_FRACTION={self.data_max_reject_fraction}: must be in [0, 1]")
         need(0 <= self.eval_fraction < 1, f"EVAL_FRACTION={self.eval_fraction}: must be in [0, 1)")
         need(0 <= self.replay_fraction <= 4, f"REPLAY_FRACTION={self.replay_fraction}: must be in [0, 4]")
+        need(0 < self.replay_weight <= 100, f"REPLAY_WEIGHT={self.replay_weight:g}: must be in (0, 100]")
+        need(not (self.replay_weight != 1 and self.replay_loss == "sft"),
+             f"REPLAY_WEIGHT={self.replay_weight:g} weights the kl replay loss: it needs REPLAY_LOSS=kl (or auto on a CPU), "
+             "not REPLAY_LOSS=sft")
         need(self.max_steps == -1 or self.max_steps >= 1, f"MAX_STEPS={self.max_steps}: must be -1 or >= 1")
         need(self.eval_steps >= 0, f"EVAL_STEPS={self.eval_steps}: must be >= 0")
         need(not (self.eval_steps and self.eval_fraction == 0),

@@ -145,9 +145,12 @@ def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
 
 def resolve_replay_loss(cfg: RunConfig, backend: model_lib.Backend) -> str:
     """REPLAY_LOSS=auto: the KL loss where it was measured (CPU, docs/QUALITY.md), plain SFT on a GPU."""
-    if cfg.replay_loss != "auto":
-        return cfg.replay_loss
-    return "kl" if backend.device == "cpu" and cfg.replay_fraction > 0 else "sft"
+    loss = cfg.replay_loss if cfg.replay_loss != "auto" else (
+        "kl" if backend.device == "cpu" and cfg.replay_fraction > 0 else "sft")
+    if loss == "sft" and cfg.replay_weight != 1:
+        raise ConfigError(f"REPLAY_WEIGHT={cfg.replay_weight:g} weights the kl replay loss, but REPLAY_LOSS=auto means sft "
+                          f"on this {backend.device.upper()}: set REPLAY_LOSS=kl, or leave REPLAY_WEIGHT at 1")
+    return loss
 
 
 def to_dataset(rows: list[dict], tok, cfg: RunConfig):
@@ -333,7 +336,8 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = _GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                 processing_class=tok, callbacks=callbacks, faults=faults)
+                                 processing_class=tok, callbacks=callbacks, faults=faults,
+                                 replay_weight=cfg.replay_weight)
     if cfg.replay_loss == "kl":
         trainer.data_collator = ReplayMaskCollator(trainer.data_collator)
     return trainer
@@ -362,9 +366,9 @@ class ReplayMaskCollator:
         return batch
 
 
-def replay_kl_loss(model, inputs: dict, replay_mask, num_items_in_batch=None):
-    """Cross-entropy on the user's label tokens plus KL(base || tuned) on the replay rows' label tokens, summed
-    and divided by all label tokens (as the plain loss is). The base is the same model with the adapter off."""
+def replay_kl_loss(model, inputs: dict, replay_mask, num_items_in_batch=None, weight: float = 1.0):
+    """Cross-entropy on the user's label tokens plus `weight` x KL(base || tuned) on the replay rows' label tokens,
+    summed and divided by all label tokens (as the plain loss is). The base is the same model with the adapter off."""
     import torch
 
     feed = {k: v for k, v in inputs.items() if k != "labels"}
@@ -381,7 +385,7 @@ def replay_kl_loss(model, inputs: dict, replay_mask, num_items_in_batch=None):
     p_base = base_logits[rep].float().softmax(-1)
     kl = (p_base * (p_base.clamp_min(1e-30).log() - logp[rep])).sum()
     n = num_items_in_batch if num_items_in_batch is not None else valid.sum()
-    return (ce + kl) / n, outputs
+    return (ce + weight * kl) / n, outputs
 
 
 def _save_adapter(cfg, paths: RunPaths, trainer, tok, p: TrainPlan, is_main: bool = True) -> Path:
@@ -424,14 +428,15 @@ from trl import SFTTrainer  # noqa: E402
 class _GuardedSFTTrainer(SFTTrainer):
     """SFTTrainer that refuses a non-finite loss before backward, so the optimizer never applies it."""
 
-    def __init__(self, *a, faults: Faults, **kw):
+    def __init__(self, *a, faults: Faults, replay_weight: float = 1.0, **kw):
         super().__init__(*a, **kw)
         self._faults = faults
+        self._replay_weight = replay_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         replay_mask = inputs.pop("replay_mask", None)
         if replay_mask is not None and bool(replay_mask.any()):
-            loss, outputs = replay_kl_loss(model, inputs, replay_mask, num_items_in_batch)
+            loss, outputs = replay_kl_loss(model, inputs, replay_mask, num_items_in_batch, self._replay_weight)
             out = (loss, outputs) if return_outputs else loss
         else:
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,

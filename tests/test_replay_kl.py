@@ -77,3 +77,32 @@ def test_auto_takes_kl_on_a_cpu_and_sft_on_a_gpu(tmp_path):
     assert resolve_replay_loss(cfg, Backend("unsloth", "test", "cuda")) == "sft"
     assert resolve_replay_loss(RunConfig(base_model_name=str(tmp_path), report_to="none", replay_loss="kl"),
                                Backend("unsloth", "test", "cuda")) == "kl"
+
+
+def test_replay_weight_scales_only_the_replay_part(tiny_llama_dir):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = _tiny_peft(tiny_llama_dir)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    batch = ReplayMaskCollator(DataCollatorForLanguageModeling(pad_token_id=0))(_examples())
+    mask = batch.pop("replay_mask")
+    l0, l1, l3 = (replay_kl_loss(model, batch, mask, weight=w)[0].item() for w in (1e-9, 1.0, 3.0))
+    kl = l1 - l0
+    assert kl > 0 and l3 == pytest.approx(l0 + 3 * kl, rel=1e-4)
+
+
+def test_replay_weight_is_refused_where_the_replay_loss_is_sft(tmp_path):
+    from finetune.config import RunConfig
+    from finetune.errors import ConfigError
+    from finetune.model import Backend
+    from finetune.train import resolve_replay_loss
+
+    with pytest.raises(ConfigError, match="REPLAY_WEIGHT=2.*REPLAY_LOSS=sft"):
+        RunConfig.from_env({"BASE_MODEL_NAME": str(tmp_path), "REPLAY_WEIGHT": "2", "REPLAY_LOSS": "sft"}, env_file=None)
+    cfg = RunConfig(base_model_name=str(tmp_path), report_to="none", replay_weight=2.0)
+    assert resolve_replay_loss(cfg, Backend("hf", "test", "cpu")) == "kl"
+    with pytest.raises(ConfigError, match="REPLAY_WEIGHT=2.*REPLAY_LOSS=kl"):
+        resolve_replay_loss(cfg, Backend("unsloth", "test", "cuda"))
