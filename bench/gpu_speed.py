@@ -43,6 +43,11 @@ ARMS = {
     "ours": ("ours", {}),
     "ours_24g": ("ours", {"MAX_GPU_MEMORY": "24"}),
     "ours_offload": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "GRADIENT_CHECKPOINTING": "offload"}),
+    # the memory-lean mode: offloaded checkpointing with the frozen weights streamed from host RAM
+    "ours_stream": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "GRADIENT_CHECKPOINTING": "offload",
+                             "OFFLOAD_WEIGHTS": "on"}),
+    "ours_unsloth_kernels": ("ours", {"LORA_KERNELS": "unsloth"}),   # Unsloth's own LoRA kernels (the old default)
+    "ours_8bit": ("ours", {"OPTIM": "adamw_8bit"}),                  # the old default optimizer
     "ours_12g": ("ours", {"MAX_GPU_MEMORY": "12"}),
     "ours_mb4": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),            # micro-batch capped at 4
     "ours_d005": ("ours", {"LORA_DROPOUT": "0.05"}),
@@ -55,10 +60,8 @@ ARMS = {
     "ours_deq": ("ours", {"_DEQUANT": "1"}),
     "ours_mb4_deq": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "_DEQUANT": "1"}),
     "ours_lora16": ("ours", {"USE_QLORA": "false", "BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),
-    # _NOGUARD: no finiteness check of the loss (it syncs the host every micro-batch); _OPTIM: another optimizer.
-    "ours_fastlora": ("ours", {"LORA_KERNELS": "fast"}),          # finetune/fast_lora.py instead of Unsloth's own
+    # _NOGUARD: no finiteness check of the loss (it syncs the host every micro-batch).
     "ours_noguard": ("ours", {"_NOGUARD": "1"}),
-    "ours_fusedadam": ("ours", {"_OPTIM": "adamw_torch_fused"}),
 }
 
 
@@ -431,7 +434,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
         train_lib.cap_gpu_memory(cfg)
         p = train_lib.plan(cfg, backend, len(fixed_ds), lengths=[len(x) for x in fixed_ds["input_ids"]])
         # The variable-length workload is planned from its own lengths, with the loaded model's checkpointing.
-        forced = dataclasses.replace(cfg, gradient_checkpointing=p.grad_ckpt)
+        forced = dataclasses.replace(cfg, gradient_checkpointing="offload", offload_weights="on") \
+            if p.grad_ckpt == "stream" else dataclasses.replace(cfg, gradient_checkpointing=p.grad_ckpt)
         p_var = train_lib.plan(forced, backend, len(var_ds), lengths=[len(x) for x in var_ds["input_ids"]],
                                keep_fixed=p.keep_layers if p.grad_ckpt == "partial" else None)
         if env.get("_PADDING_FREE"):
@@ -459,9 +463,6 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
             if env.get("_NOGUARD"):  # without the per-micro-batch finiteness check (a host sync)
                 from trl import SFTTrainer
                 t.compute_loss = SFTTrainer.compute_loss.__get__(t)
-            if env.get("_OPTIM"):
-                from transformers.training_args import OptimizerNames
-                t.args.optim = OptimizerNames(env["_OPTIM"])
             return t
     result["load_s"] = round(time.time() - t0, 1)
     dump()

@@ -7,6 +7,9 @@ The user's effective batch (BATCH_SIZE, default 8, x GRAD_ACCUM x GPUs) is fixed
     partial   K of L layers keep them, the rest are recomputed in backward (Unsloth only)
     on        every layer recomputed from its saved input
     offload   like on, with the saved inputs in host memory (Unsloth's "unsloth" checkpointing; HF: same as on)
+    stream    like offload, and the frozen decoder layers and the input embedding stay in host RAM too: each layer
+              is copied to the GPU just before it runs (Unsloth's block swap; OFFLOAD_WEIGHTS). Only the output
+              head and a few layers' slots stay on the card: the leanest, taken when nothing else fits.
 
 Every (micro-batch, mode) whose estimated peak fits the budget (0.90 of the GPU, or of MAX_GPU_MEMORY) is scored
 with a relative time per token, and the cheapest is taken (ties: the larger micro-batch):
@@ -32,7 +35,9 @@ MARGIN = 0.90          # share of the GPU (or of MAX_GPU_MEMORY) the estimate ma
 GIB = 2**30
 # Extra time per token for a recomputed layer, relative to a kept one. H100, Llama-3.1-8B QLoRA, Unsloth's
 # offloaded checkpointing: 0.36-0.41 with LoRA dropout 0, 0.56 with dropout 0.05 (the masks are replayed).
-RECOMPUTE = {"off": 0.0, "partial": 0.4, "on": 0.45, "offload": 0.4}
+RECOMPUTE = {"off": 0.0, "partial": 0.4, "on": 0.45, "offload": 0.4, "stream": 0.5}
+# stream: layers on the card at once (the running one and Unsloth's prefetch depth of 2).
+STREAM_SLOTS = 3
 RECOMPUTE_DROPOUT = 0.16
 # Host-bound floor of one micro-batch in tokens' worth of GPU work (H100, 8B, Unsloth, QLoRA: 0.3 s / 70 us).
 FIXED_TOKENS = {"qlora": 4300.0, "lora": 2500.0}
@@ -49,6 +54,18 @@ PACKED_OVERHEAD = 0.04
 # HF: raised after an H200 run (docs/BENCHMARKS.md, issue 7) where the old (10, 4) estimated 102 GiB for
 # 8 x 2048 tokens without checkpointing and the run needed more than 126 GiB; not yet calibrated precisely.
 ACT = {"unsloth": (4.8, 2.8), "hf": (16.0, 6.4)}
+
+
+# OPTIM=auto on a GPU: torch's fused AdamW (fp32 moments: ~0.25 GiB more than 8-bit for an 8B model's r=16 LoRA, and
+# one kernel instead of one per tensor) unless the budget is under this, where 8-bit moments keep the room for
+# activations (a 24 GiB card fits two 2048-token rows of an 8B model only with them).
+FUSED_ADAM_MIN_BUDGET = MARGIN * 40 * GIB
+
+
+def optimizer_for(cfg, budget: float) -> str:
+    if getattr(cfg, "optim", "auto") != "auto":
+        return cfg.optim
+    return "adamw_torch_fused" if budget >= FUSED_ADAM_MIN_BUDGET else "adamw_8bit"
 
 
 @dataclass(frozen=True)
@@ -78,12 +95,18 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: s
     seq = cfg.max_seq_length
     peak_tokens, mean_tokens = token_counts(lengths, seq, padding_free)
     L = shape["layers"]
+    lora_bytes = 12 if optimizer_for(cfg, budget) == "adamw_8bit" else 16
     if grad_ckpt == "auto":
         modes = ["off", "partial", "offload"] if backend == "unsloth" else ["off", "on"]
     else:
         modes = [grad_ckpt]
     if backend != "unsloth" and "offload" in modes:
         modes = ["on"]  # HF has no activation offload: plain checkpointing is the leanest it has
+    weights = getattr(cfg, "offload_weights", "off")
+    if backend == "unsloth" and weights == "on":
+        modes = ["stream"]
+    elif backend == "unsloth" and weights == "auto" and "offload" in modes:
+        modes.append("stream")  # slower than offload: chosen only when nothing before it fits
     best: tuple | None = None
     for micro in sorted({d for d in range(1, (max_micro or total) + 1) if total % d == 0}):
         for mode in modes:
@@ -93,7 +116,7 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: s
                 keeps = [L if mode == "off" else 0]
             for keep in keeps:
                 need = estimate_bytes(shape, 1, peak_tokens(micro), mode, cfg.use_qlora, backend, keep, cfg.lora_rank,
-                                      cfg.lora_dropout)
+                                      cfg.lora_dropout, lora_bytes)
                 if need > budget:
                     continue
                 t = time_per_token(shape, mean_tokens(micro), mode, cfg.use_qlora, keep, cfg.lora_dropout)
@@ -105,7 +128,7 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: s
         return best[2]
     lean = modes[-1]
     need = estimate_bytes(shape, 1, peak_tokens(1), lean, cfg.use_qlora, backend, keep_fixed or 0, cfg.lora_rank,
-                          cfg.lora_dropout)
+                          cfg.lora_dropout, lora_bytes)
     return Choice(1, total, lean, 0, need, budget,
                   note=f"nothing fits the estimate ({need / GIB:.1f} GiB > {budget / GIB:.1f} GiB): trying the leanest")
 
@@ -172,15 +195,20 @@ def shape_from_config(c: dict) -> dict:
 
 
 def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, backend: str = "hf",
-                   keep: int = 0, lora_rank: int = 16, dropout: float = 0.0) -> float:
+                   keep: int = 0, lora_rank: int = 16, dropout: float = 0.0, lora_bytes: int = 12) -> float:
     """Peak bytes on the GPU: weights + LoRA states + saved activations + logits + workspace.
 
     Checked against the H100 runs in docs/BENCHMARKS.md (Llama-3.1-8B QLoRA, Unsloth): estimate vs measured
     peak allocated 50.5 vs 49.1 GiB (8 x 2048 tokens, 23 layers kept), 12.2 vs 10.7 (2 kept), 7.7 vs 7.5
     (4 x 2048, offload); with dropout 0.05: 45.8 vs 45.4 (4 x 2048, none recomputed), 16.6 vs 15.9 (1 x 2048)."""
     h, inter, L, vocab = shape["hidden"], shape["inter"], shape["layers"], shape["vocab"]
-    weights = shape["layer_params"] * (0.53 if qlora else 2.0) + shape["embed_params"] * 2
-    lora = shape["lora_in_out"] * lora_rank * 12          # fp32 weight + grad + 8-bit Adam moments, generous
+    per_param = 0.53 if qlora else 2.0
+    if mode == "stream":  # the output head (bf16) and the layer slots; the rest is in host RAM
+        weights = vocab * h * 2 + STREAM_SLOTS * shape["layer_params"] / L * per_param
+    else:
+        weights = shape["layer_params"] * per_param + shape["embed_params"] * 2
+    # lora_bytes per LoRA parameter: fp32 weight and grad, plus the Adam moments (12: 8-bit, a little generous; 16: fp32)
+    lora = shape["lora_in_out"] * lora_rank * lora_bytes
     tokens = micro * seq
     unsloth = backend == "unsloth"
     a, b = ACT["unsloth" if unsloth else "hf"]
@@ -195,7 +223,7 @@ def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, ba
         acts = keep * layer + 2 * layer_input + recompute
     elif mode == "on":
         acts = L * layer_input + recompute
-    else:  # offload: inputs in host memory, a couple in flight
+    else:  # offload, stream: inputs in host memory, a couple in flight
         acts = 2 * layer_input + recompute
     if unsloth:
         logits = tokens * vocab * 0.25                     # fused, chunked cross-entropy
@@ -218,7 +246,7 @@ def useful_token_times(cfg, shape: dict, lengths: list[int], c_pf: Choice, c_pad
 def time_per_token(shape: dict, tokens: float, mode: str, qlora: bool, keep: int = 0, dropout: float = 0.0) -> float:
     """Relative time per token of a micro-batch of `tokens` tokens."""
     L = shape["layers"]
-    recomputed = {"off": 0.0, "partial": (L - keep) / L, "on": 1.0, "offload": 1.0}[mode]
+    recomputed = {"off": 0.0, "partial": (L - keep) / L, "on": 1.0, "offload": 1.0, "stream": 1.0}[mode]
     cost = RECOMPUTE[mode] + (RECOMPUTE_DROPOUT if dropout > 0 and mode != "off" else 0.0)
     return max(FIXED_TOKENS["qlora" if qlora else "lora"] / max(tokens, 1.0), 1.0) + cost * recomputed
 
@@ -226,6 +254,8 @@ def time_per_token(shape: dict, tokens: float, mode: str, qlora: bool, keep: int
 def describe(c: Choice, layers: int) -> str:
     ck = {"off": "off (all layers keep activations)", "on": "on (every layer recomputed)",
           "offload": "offload (recomputed, layer inputs in host memory)",
+          "stream": "offload with streamed weights (recomputed, layer inputs in host memory; frozen layers and the "
+                    "input embedding in host RAM, copied to the GPU as each layer runs)",
           "partial": f"partial ({c.keep_layers} of {layers} layers keep activations)"}[c.mode]
     return (f"micro-batch {c.micro_batch} x grad-accum {c.grad_accum}, gradient checkpointing {ck}; "
             f"estimated peak {c.est_bytes / GIB:.1f} GiB of a {c.budget_bytes / GIB:.1f} GiB budget"

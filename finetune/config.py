@@ -63,9 +63,8 @@ class RunConfig:
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA path (0 saves ~25% of activation memory on a GPU)")
-    lora_kernels: str = _f("unsloth", "unsloth | fast: on the Unsloth backend, fast reorders its fused LoRA GEMMs (same math, "
-                           "fewer memory passes: finetune/fast_lora.py; +0.4% on an 8B H100 step, so opt-in)",
-                           ("unsloth", "fast"))
+    lora_kernels: str = _f("fast", "fast | unsloth: on the Unsloth backend, fast reorders its fused LoRA GEMMs (same math, "
+                           "fewer memory passes: finetune/fast_lora.py); unsloth runs Unsloth's own", ("fast", "unsloth"))
     target_modules: str = _f("all-linear", "comma-separated module names, or all-linear (every projection)")
     chat_template: str = _f("auto", "auto (the tokenizer's own) | chatml | alpaca | llama-3")
     # --- data
@@ -99,6 +98,14 @@ class RunConfig:
     seed: int = _f(42, "seed for data split, shuffling and initialisation")
     gradient_checkpointing: str = _f("auto", "auto | on | off | offload", ("auto", "on", "off", "offload"))
     max_gpu_memory: float = _f(0.0, "cap the GPU memory this run may use, in GB (0 = all)")
+    offload_weights: str = _f("auto", "auto | on | off: keep the frozen decoder layers and the input embedding in host RAM "
+                              "and stream each layer to the GPU as it runs (Unsloth backend; with offloaded "
+                              "checkpointing); auto = only when nothing else fits the GPU or MAX_GPU_MEMORY",
+                              ("auto", "on", "off"))
+    optim: str = _f("auto", "auto | adamw_torch_fused | adamw_8bit | adamw_torch: auto = adamw_torch_fused on a GPU of "
+                    "40 GB or more (one fused kernel; a LoRA's fp32 moments are small), adamw_8bit on a smaller one, "
+                    "adamw_torch on a CPU",
+                    ("auto", "adamw_torch_fused", "adamw_8bit", "adamw_torch"))
     # --- checkpoints and logging
     save_steps: int = _f(50, "save a resumable checkpoint every N optimiser steps")
     save_total_limit: int = _f(3, "keep at most N complete checkpoints (the newest always kept)")
@@ -230,6 +237,9 @@ class RunConfig:
         need(not (self.early_stopping_patience and self.eval_steps and self.save_steps % self.eval_steps),
              f"EARLY_STOPPING_PATIENCE needs SAVE_STEPS ({self.save_steps}) to be a multiple of EVAL_STEPS ({self.eval_steps}): "
              "the best checkpoint is restored at the end")
+        need(not (self.offload_weights == "on" and self.gradient_checkpointing in ("off", "on")),
+             f"OFFLOAD_WEIGHTS=on streams the layers through offloaded checkpointing: it needs GRADIENT_CHECKPOINTING="
+             f"offload or auto, not {self.gradient_checkpointing}")
         need(self.max_gpu_memory >= 0, f"MAX_GPU_MEMORY={self.max_gpu_memory}: must be >= 0 (GB)")
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")

@@ -7,6 +7,7 @@ CPU machines never import it.
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,7 +135,7 @@ def bnb_config(device: str):
 def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int = 0):
     """The base (4-bit when USE_QLORA) with fresh LoRA adapters, ready for SFTTrainer.
 
-    grad_ckpt: off | on | offload | partial (keep_layers decoder layers keep their activations; Unsloth only).
+    grad_ckpt: off | on | offload | stream | partial (keep_layers decoder layers keep their activations; Unsloth only).
     """
     if backend.name == "unsloth":
         return _load_unsloth(cfg, base, tok, grad_ckpt, keep_layers)
@@ -172,11 +173,14 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
 
     # off: every layer keeps its activations; on: standard recompute; offload/partial: Unsloth's offloaded
     # checkpointing, with `keep_layers` layers exempt from it under partial.
-    ckpt = {"off": False, "on": True, "offload": "unsloth", "partial": "unsloth"}[grad_ckpt]
+    ckpt = {"off": False, "on": True, "offload": "unsloth", "partial": "unsloth", "stream": "unsloth"}[grad_ckpt]
+    # stream: every decoder layer loads straight into host RAM and is copied to the GPU as it runs (Unsloth's block
+    # swap, two layers prefetched); the input embedding's looked-up rows are all that cross from it.
+    stream = {"offload_layers": _num_layers(base), "offload_embedding": True} if grad_ckpt == "stream" else {}
     model, _ = FastLanguageModel.from_pretrained(
         model_name=base, max_seq_length=cfg.max_seq_length, dtype=None, load_in_4bit=cfg.use_qlora,
         load_in_16bit=not cfg.use_qlora, use_gradient_checkpointing=ckpt, random_state=cfg.seed,
-        local_files_only=Path(base).is_dir())
+        local_files_only=Path(base).is_dir(), **stream)
     _match_vocab(model, tok)
     from finetune import fast_lora
 
@@ -186,6 +190,11 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
         model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
         target_modules=target_modules(cfg), use_gradient_checkpointing=ckpt, random_state=cfg.seed,
         max_seq_length=cfg.max_seq_length, **extra)
+
+
+def _num_layers(base: str) -> int:
+    c = json.loads((Path(base) / "config.json").read_text())
+    return c.get("text_config", c)["num_hidden_layers"]
 
 
 def _match_vocab(model, tok) -> None:

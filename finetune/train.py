@@ -62,6 +62,7 @@ class TrainPlan:
     notes: list[str] = field(default_factory=list)
     keep_layers: int = 0        # grad_ckpt == "partial": decoder layers that keep their activations
     padding_free: bool = False  # rows concatenated without pad tokens (Unsloth on a GPU, or PACKING)
+    optim: str = "adamw_torch"
 
     @property
     def effective_batch(self) -> int:
@@ -85,11 +86,15 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
     else:
         micro, accum = logical, cfg.grad_accum
     grad_ckpt = cfg.gradient_checkpointing
+    if cfg.offload_weights == "on" and backend.name != "unsloth":
+        raise ConfigError(f"OFFLOAD_WEIGHTS=on streams layers with Unsloth's block swap, but this run's backend is "
+                          f"{backend.name} ({backend.why}): set OFFLOAD_WEIGHTS=auto, or run on a CUDA GPU with unsloth")
     keep, notes = 0, []
     # Padding-free batches by default: no compute on pad tokens. Row boundaries are kept by position ids, which
     # transformers turns into a block-diagonal mask (tests/data/test_packing.py checks the per-row loss). On a GPU,
     # rows of one length train faster padded (nothing to pad, no boundaries to split attention at).
     padding_free = True
+    optim = cfg.optim if cfg.optim != "auto" else "adamw_torch"
     if backend.device == "cuda":
         from finetune import autotune
 
@@ -111,13 +116,14 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
                 notes.append(f"padded batches: estimated {t_pf / t_pad:.2f}x faster per useful token than padding-free "
                              f"(micro-batch {c_pad.micro_batch}, expected padding {pad:.1%} of tokens)")
         micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
+        optim = autotune.optimizer_for(cfg, c.budget_bytes)
         notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + autotune.describe(c, shape["layers"]))
     elif grad_ckpt == "auto":
         grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
     steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
     return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
-                     notes, keep, padding_free)
+                     notes, keep, padding_free, optim)
 
 
 def cap_gpu_memory(cfg: RunConfig) -> None:
@@ -276,7 +282,7 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
         f"[train] LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} targets={cfg.target_modules};"
         f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
         + (f"; LoRA kernels {cfg.lora_kernels}" if p.backend == "unsloth" else ""),
-        f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}); gradient checkpointing {ckpt};"
+        f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}), {p.optim}; gradient checkpointing {ckpt};"
         f" replay loss {cfg.replay_loss if cfg.replay_fraction > 0 else 'off'};"
         f" checkpoints every {cfg.save_steps} steps in {paths.checkpoints}",
         *[f"[train] {n}" for n in p.notes],
@@ -303,7 +309,7 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
         warmup_steps=max(0, round(cfg.warmup_ratio * p.total_steps)),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
-        optim="adamw_8bit" if cuda else "adamw_torch",
+        optim=p.optim,
         bf16=cuda and torch.cuda.is_bf16_supported(),
         logging_steps=cfg.logging_steps,
         save_strategy="steps",

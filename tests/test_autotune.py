@@ -55,8 +55,36 @@ def test_a_small_gpu_fits_by_recomputing_some_layers_not_by_changing_the_batch(t
 
 
 def test_nothing_fits_says_so_and_takes_the_leanest(tmp_path):
-    c = autotune.choose_micro_batch(gpu_cfg(tmp_path), 8, 1, "auto", "unsloth", SHAPE, 2 * autotune.GIB)
+    c = autotune.choose_micro_batch(gpu_cfg(tmp_path), 8, 1, "auto", "unsloth", SHAPE, 1 * autotune.GIB)
+    assert (c.micro_batch, c.mode) == (1, "stream") and "nothing fits" in c.note
+    c = autotune.choose_micro_batch(gpu_cfg(tmp_path, offload_weights="off"), 8, 1, "auto", "unsloth", SHAPE,
+                                    2 * autotune.GIB)
     assert (c.micro_batch, c.mode) == (1, "offload") and "nothing fits" in c.note
+
+
+def test_streamed_weights_only_when_nothing_else_fits(tmp_path):
+    # 6 GiB: the 4-bit layers alone are ~3.5 GiB and the embeddings ~2 GiB, so only streaming them fits.
+    cfg = gpu_cfg(tmp_path, max_gpu_memory=6)
+    c = autotune.choose_micro_batch(cfg, 8, 1, "auto", "unsloth", SHAPE, 0.9 * 6 * autotune.GIB)
+    assert c.mode == "stream" and c.micro_batch * c.grad_accum == 8 and c.est_bytes <= c.budget_bytes
+    for budget in (H100, 0.9 * 12 * autotune.GIB):  # anything that fits without streaming is faster
+        assert autotune.choose_micro_batch(cfg, 8, 1, "auto", "unsloth", SHAPE, budget).mode != "stream"
+    lean = gpu_cfg(tmp_path, gradient_checkpointing="offload", offload_weights="on", batch_size="4", grad_accum=2)
+    c = autotune.choose_micro_batch(lean, 4, 2, "offload", "unsloth", SHAPE, H100, max_micro=4)
+    assert (c.micro_batch, c.grad_accum, c.mode) == (4, 2, "stream")
+    offload = autotune.estimate_bytes(SHAPE, 4, 2048, "offload", True, "unsloth", lora_bytes=16)
+    assert c.est_bytes < offload - 4 * autotune.GIB  # the layers (3.5 GiB less 3 slots) and the input embedding (1 GiB)
+
+
+def test_streamed_weights_are_refused_off_the_unsloth_backend(tmp_path):
+    from finetune.errors import ConfigError
+
+    cfg = gpu_cfg(tmp_path, offload_weights="on")
+    with pytest.raises(ConfigError, match="OFFLOAD_WEIGHTS=on .*backend is hf"):
+        plan(cfg, Backend("hf", "no unsloth", "cuda"), rows=8)
+    with pytest.raises(ConfigError, match="OFFLOAD_WEIGHTS=on streams .* not off"):
+        RunConfig.from_env({"BASE_MODEL_NAME": str(tmp_path), "OFFLOAD_WEIGHTS": "on",
+                            "GRADIENT_CHECKPOINTING": "off"}, env_file=None)
 
 
 def test_expected_pad_fraction():
@@ -108,3 +136,12 @@ def test_the_padding_choice_compares_time_per_useful_token(tmp_path, h100):
     assert equal[2] == 0.0 and equal[1] < equal[0]                 # nothing to pad: padded is faster
     mixed = autotune.useful_token_times(cfg, SHAPE, [100, 2000] * 32, c, c)
     assert mixed[2] > 0.4 and mixed[0] < mixed[1]                  # half the tokens pads: padding-free is faster
+
+
+def test_the_optimizer_is_fused_adamw_on_a_large_gpu_and_8bit_on_a_small_one(tmp_path, h100):
+    rows = [2048] * 64
+    assert plan(gpu_cfg(tmp_path), GPU, 64, lengths=rows).optim == "adamw_torch_fused"
+    small = plan(gpu_cfg(tmp_path, max_gpu_memory=24), GPU, 64, lengths=rows)
+    assert small.optim == "adamw_8bit" and small.micro_batch == 2  # the 8-bit moments keep room for two rows
+    assert plan(gpu_cfg(tmp_path, optim="adamw_8bit"), GPU, 64, lengths=rows).optim == "adamw_8bit"
+    assert plan(gpu_cfg(tmp_path), Backend("hf", "test", "cpu"), 64).optim == "adamw_torch"
