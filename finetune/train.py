@@ -338,15 +338,34 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
         remove_unused_columns=cfg.replay_loss != "kl",  # keep the "replay" column for the collator below
     )
     # The fault callback runs before the seal so that a simulated crash lands between the write and the marker.
+    # One process: no host-GPU sync inside a step (_GuardedSFTTrainer). Several: trl's own loss path, whose token
+    # count is gathered across the processes.
+    no_sync = p.world_size == 1
     callbacks = [_MetricsCallback(paths.metrics), _FaultCallback(faults), _SealCallback(cfg, paths, p, log), _SignalCallback()]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = _GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tok, callbacks=callbacks, faults=faults,
-                                 replay_weight=cfg.replay_weight)
+                                 replay_weight=cfg.replay_weight, no_sync=no_sync)
     if cfg.replay_loss == "kl":
         trainer.data_collator = ReplayMaskCollator(trainer.data_collator)
+    if no_sync:
+        trainer.data_collator = TokenCountCollator(trainer.data_collator)
     return trainer
+
+
+class TokenCountCollator:
+    """A collator plus `num_tokens`, the batch's tokens counted on the host as trl counts them (non-pad tokens of a
+    padded batch, the concatenated length of a padding-free one), so logging them needs nothing from the GPU."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        batch["num_tokens"] = int(batch["attention_mask"].sum()) if "attention_mask" in batch \
+            else int(batch["position_ids"].size(1))
+        return batch
 
 
 class ReplayMaskCollator:
@@ -434,16 +453,34 @@ from trl import SFTTrainer  # noqa: E402
 class _GuardedSFTTrainer(SFTTrainer):
     """SFTTrainer that refuses a non-finite loss before backward, so the optimizer never applies it."""
 
-    def __init__(self, *a, faults: Faults, replay_weight: float = 1.0, **kw):
+    def __init__(self, *a, faults: Faults, replay_weight: float = 1.0, no_sync: bool = False, **kw):
         super().__init__(*a, **kw)
         self._faults = faults
         self._replay_weight = replay_weight
+        # no_sync (one GPU): nothing in a micro-batch waits for the GPU. The finiteness of its loss is kept on the
+        # device and read once before the optimizer step (_FiniteCheckCallback); the token count comes from the host.
+        self._no_sync = no_sync
+        self._finite = None
+        if no_sync:
+            self.add_callback(_FiniteCheckCallback(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         replay_mask = inputs.pop("replay_mask", None)
+        num_tokens = inputs.pop("num_tokens", None)
         if replay_mask is not None and bool(replay_mask.any()):
             loss, outputs = replay_kl_loss(model, inputs, replay_mask, num_items_in_batch, self._replay_weight)
             out = (loss, outputs) if return_outputs else loss
+        elif num_tokens is not None:
+            # trl's compute_loss would also log entropy and token accuracy (from logits Unsloth's fused loss never
+            # materialises) and count the tokens on the GPU, each an .item() that stalls the host mid-step.
+            from transformers import Trainer
+
+            inputs["use_cache"] = False
+            out = Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if model.training:
+                self._total_train_tokens += num_tokens
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         else:
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
@@ -451,10 +488,21 @@ class _GuardedSFTTrainer(SFTTrainer):
         if self._faults.nan_at_step == self.state.global_step + 1 and model.training:
             loss = loss * float("nan")  # fault injection for tests
         import torch
-        if not torch.isfinite(loss).all():
+        if self._no_sync and model.training:
+            ok = torch.isfinite(loss.detach()).all()
+            self._finite = ok if self._finite is None else self._finite & ok
+        elif not torch.isfinite(loss).all():
             raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}; nothing applied. "
                                 "Last good checkpoint kept; lower LEARNING_RATE or check the data, then resume")
         return out
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if a micro-batch of this step had a non-finite loss (one host sync per step)."""
+        ok, self._finite = self._finite, None
+        if ok is not None and not bool(ok):
+            raise NonFiniteLoss(f"non-finite loss at step {self.state.global_step + 1}; nothing applied (stopped before "
+                                "the optimizer step). Last good checkpoint kept; lower LEARNING_RATE or check the data, "
+                                "then resume")
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         # With several processes transformers maps the optimizer state to args.device, which on CPU (gloo) is
@@ -551,6 +599,14 @@ class _SignalFlag:
         _SignalFlag.received = signal.Signals(signum).name
         print(f"\n[train] {_SignalFlag.received} received: finishing this step, saving a checkpoint, then exiting 75",
               flush=True)
+
+
+class _FiniteCheckCallback(TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        self.trainer.check_finite()
 
 
 class _SignalCallback(TrainerCallback):
