@@ -273,14 +273,16 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
     import torch
 
     gpu = torch.cuda.get_device_name(0) if p.device == "cuda" else "none (CPU)"
-    ckpt = f"partial ({p.keep_layers} layers keep activations)" if p.grad_ckpt == "partial" else p.grad_ckpt
+    ckpt = {"partial": f"partial ({p.keep_layers} layers keep activations)",
+            "stream": "offload, frozen weights streamed from host RAM"}.get(p.grad_ckpt, p.grad_ckpt)
     return "\n".join([
         "[train] ---------------------------------------------------------------",
         f"[train] backend {p.backend} on {p.device} (GPU: {gpu}); QLoRA {'on (NF4, double quant)' if cfg.use_qlora else 'off'}",
         f"[train] rows {p.rows}; effective batch {p.effective_batch} = micro-batch {p.micro_batch} x grad-accum "
         f"{p.grad_accum} x {p.world_size} process(es); {p.steps_per_epoch} steps/epoch, {p.total_steps} steps total",
         f"[train] LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} targets={cfg.target_modules};"
-        f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%)"
+        f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%"
+        + ("; the streamed layers' are not counted" if p.grad_ckpt == "stream" else "") + ")"
         + (f"; LoRA kernels {cfg.lora_kernels}" if p.backend == "unsloth" else ""),
         f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}), {p.optim}; gradient checkpointing {ckpt};"
         f" replay loss {cfg.replay_loss if cfg.replay_fraction > 0 else 'off'};"
