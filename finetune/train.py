@@ -480,12 +480,12 @@ class _GuardedSFTTrainer(SFTTrainer):
             inputs["use_cache"] = False
             out = Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
-            if model.training:
-                self._total_train_tokens += num_tokens
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         else:
             out = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                        num_items_in_batch=num_items_in_batch)
+        if num_tokens is not None and model.training:
+            self._total_train_tokens += num_tokens
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         loss = out[0] if isinstance(out, tuple) else out
         if self._faults.nan_at_step == self.state.global_step + 1 and model.training:
             loss = loss * float("nan")  # fault injection for tests

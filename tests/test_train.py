@@ -193,3 +193,14 @@ def test_training_refuses_to_start_without_disk_for_its_checkpoints(tmp_path, ti
     with pytest.raises(ResourceError, match="not enough disk") as e:
         train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
     assert e.value.exit_code == 4
+
+
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_tokens_are_counted_on_the_host_as_trl_counts_them(padding_free):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from finetune.train import TokenCountCollator
+
+    rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [9, 10], "labels": [-100, 10]}]
+    batch = TokenCountCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free))(rows)
+    assert batch["num_tokens"] == 6 and isinstance(batch["num_tokens"], int)  # no pad counted, no GPU touched
