@@ -34,15 +34,11 @@ def _dequant_plain(W, W_quant, dtype, global_buffer=False):
     return W if W.dtype == dtype else W.to(dtype)
 
 
-def _dequant_into_plain(W, W_quant, out):
-    out.copy_(W)
-
-
 def _inplace_ok(X) -> bool:
     return True
 
 
-_hooks = {"dequant": _dequant_plain, "dequant_into": _dequant_into_plain, "inplace_ok": _inplace_ok}
+_hooks = {"dequant": _dequant_plain, "inplace_ok": _inplace_ok}
 
 
 def _lowrank_then_base(X2, XA, B, S, W, out_features: int, dtype):
@@ -76,71 +72,49 @@ def _lowrank_dX(dBs, As, Ss, out):
 
 
 class LoRAQKV(torch.autograd.Function):
-    """Q, K, V = X @ (W + S B A)^T for q/k/v, sharing X. Same arguments and gradients as Unsloth's LoRA_QKV.
-
-    The three base weights are dequantized into one [Nq + Nk + Nv, in] buffer, so each direction is one GEMM:
-    the forward writes [Q | K | V] with N = 6144 for an 8B model (instead of 4096, 1024 and 1024, the narrow ones
-    well below the H100's GEMM rate) and the backward reads [dQ | dK | dV] once with K = 6144 (instead of three
-    GEMMs each re-reading and re-writing dX). Q, K and V are returned as column views of the one output; Unsloth's
-    RoPE writes strided inputs out of place, so nothing modifies them."""
+    """Q, K, V = X @ (W + S B A)^T for q/k/v, sharing X. Same arguments and gradients as Unsloth's LoRA_QKV."""
 
     @staticmethod
     def forward(ctx, X, QW, QW_quant, QA, QB, QS, KW, KW_quant, KA, KB, KS, VW, VW_quant, VA, VB, VS,
                 inplace=True, dropout_p=None, QBias=None, KBias=None, VBias=None):
-        dtype = X.dtype
+        dtype, deq = X.dtype, _hooks["dequant"]
         X2 = X.view(-1, X.shape[-1])
-        As, Bs, Ss = [A.to(dtype) for A in (QA, KA, VA)], [B.to(dtype) for B in (QB, KB, VB)], [QS, KS, VS]
-        ranks, outs = [A.shape[0] for A in As], [B.shape[0] for B in Bs]
-        XA = X2 @ torch.cat(As, dim=0).t()                                  # N x (rq + rk + rv), X read once
-        W = _fused_weight(((QW, QW_quant), (KW, KW_quant), (VW, VW_quant)), outs, X2.shape[1], dtype, X.device)
-        y = torch.empty((X2.shape[0], sum(outs)), dtype=dtype, device=X.device)
-        y.addmm_(XA, _block_diag_t(Bs, Ss, ranks, outs, dtype), beta=0)     # the low-rank terms, one pass
-        y.addmm_(X2, W.t())                                                 # + X @ [Wq; Wk; Wv]^T
-        del W
+        As = [A.to(dtype) for A in (QA, KA, VA)]
+        ranks = [A.shape[0] for A in As]
+        XAs = _split(X2 @ torch.cat(As, dim=0).t(), ranks)
+        outs = []
+        for W, Wq, B, S, XA in ((QW, QW_quant, QB, QS, XAs[0]), (KW, KW_quant, KB, KS, XAs[1]),
+                                (VW, VW_quant, VB, VS, XAs[2])):
+            Wd = deq(W, Wq, dtype, True)
+            outs.append(_lowrank_then_base(X2, XA, B, S, Wd, B.shape[0], dtype))
+            del Wd
         ctx.custom_saved_tensors = (QW, QW_quant, QS, KW, KW_quant, KS, VW, VW_quant, VS)
-        ctx.save_for_backward(X, QA, QB, KA, KB, VA, VB, XA)
+        ctx.save_for_backward(X, QA, QB, KA, KB, VA, VB, *XAs)
         ctx.inplace = inplace and _hooks["inplace_ok"](X)
         shape = X.shape[:-1]
-        return tuple(o.view(*shape, -1) for o in torch.split(y, outs, dim=1))
+        return tuple(o.view(*shape, -1) for o in outs)
 
     @staticmethod
     def backward(ctx, dQ, dK, dV):
         QW, QW_quant, QS, KW, KW_quant, KS, VW, VW_quant, VS = ctx.custom_saved_tensors
-        X, QA, QB, KA, KB, VA, VB, XA = ctx.saved_tensors
-        dtype = X.dtype
+        X, QA, QB, KA, KB, VA, VB, XAq, XAk, XAv = ctx.saved_tensors
+        dtype, deq = X.dtype, _hooks["dequant"]
         X2 = X.view(-1, X.shape[-1])
-        As, Bs, Ss = [A.to(dtype) for A in (QA, KA, VA)], [B.to(dtype) for B in (QB, KB, VB)], [QS, KS, VS]
-        ranks, outs = [A.shape[0] for A in As], [B.shape[0] for B in Bs]
-        dY = torch.cat([d.reshape(-1, d.shape[-1]) for d in (dQ, dK, dV)], dim=1)   # N x (Nq + Nk + Nv)
-        dYB = dY @ _block_diag_t(Bs, [1.0] * 3, ranks, outs, dtype).t()    # [dQ Bq | dK Bk | dV Bv], dY read once
-        dBs = torch.split(dYB, ranks, dim=1)
-        dAs = _grad_A(list(dBs), Ss, X2)                                    # before dX may overwrite X
-        dBw = [torch.empty_like(B).addmm_(d.t(), xa, beta=0, alpha=S)      # S * dY^T @ (X A^T), X A^T kept
-               for d, xa, B, S in zip(torch.split(dY, outs, dim=1), torch.split(XA, ranks, dim=1), Bs, Ss)]
-        dX = _lowrank_dX(list(dBs), As, Ss, X2 if ctx.inplace else torch.empty_like(X2))
-        W = _fused_weight(((QW, QW_quant), (KW, KW_quant), (VW, VW_quant)), outs, X2.shape[1], dtype, X.device)
-        dX.addmm_(dY, W)                                                    # + [dQ | dK | dV] @ [Wq; Wk; Wv]
-        del W
+        dYs = [d.reshape(-1, d.shape[-1]) for d in (dQ, dK, dV)]
+        As = [A.to(dtype) for A in (QA, KA, VA)]
+        Bs = [B.to(dtype) for B in (QB, KB, VB)]
+        Ss = [QS, KS, VS]
+        dBs = [dY @ B for dY, B in zip(dYs, Bs)]                       # N x r each
+        dAs = _grad_A(dBs, Ss, X2)                                     # before dX may overwrite X
+        dBw = [torch.empty_like(B).addmm_(dY.t(), XA, beta=0, alpha=S)  # S * dY^T @ (X A^T), X A^T kept
+               for dY, XA, B, S in zip(dYs, (XAq, XAk, XAv), Bs, Ss)]
+        dX = _lowrank_dX(dBs, As, Ss, X2 if ctx.inplace else torch.empty_like(X2))
+        for dY, W, Wq in zip(dYs, (QW, KW, VW), (QW_quant, KW_quant, VW_quant)):
+            Wd = deq(W, Wq, dtype)
+            dX.addmm_(dY, Wd)
+            del Wd
         return (dX.view(X.shape), None, None, dAs[0], dBw[0], None, None, None, dAs[1], dBw[1], None,
                 None, None, dAs[2], dBw[2], None, None, None, None, None, None)
-
-
-def _fused_weight(weights, outs, in_features: int, dtype, device):
-    """The base weights stacked row-wise, [sum(outs), in], each dequantized straight into its rows."""
-    W = torch.empty((sum(outs), in_features), dtype=dtype, device=device)
-    for (w, wq), rows in zip(weights, torch.split(W, outs, dim=0)):
-        _hooks["dequant_into"](w, wq, rows)
-    return W
-
-
-def _block_diag_t(Bs, Ss, ranks, outs, dtype):
-    """[sum(ranks), sum(outs)] with S_i * B_i^T on the diagonal blocks: XA @ it is every low-rank term at once."""
-    M = torch.zeros((sum(ranks), sum(outs)), dtype=dtype, device=Bs[0].device)
-    r0 = c0 = 0
-    for B, S, r, o in zip(Bs, Ss, ranks, outs):
-        M[r0:r0 + r, c0:c0 + o] = B.t() * S
-        r0, c0 = r0 + r, c0 + o
-    return M
 
 
 class LoRAMLP(torch.autograd.Function):
@@ -288,8 +262,6 @@ def install() -> bool:
         return True
     _hooks["dequant"] = lambda W, Wq, dtype, buf=False: (
         _dequant_plain(W, None, dtype) if Wq is None else fl.fast_dequantize(W, Wq, use_global_buffer=buf, dtype=dtype))
-    _hooks["dequant_into"] = lambda W, Wq, out: (
-        out.copy_(W) if Wq is None else fl.fast_dequantize(W, Wq, out=out))
     norm = getattr(fl, "_rms_layernorm", None)
     _hooks["inplace_ok"] = lambda X: not getattr(norm, "_SAVE_OUTPUT", False) or fl._may_overwrite_input(X)
     fwd, bwd = fl.torch_amp_custom_fwd, fl.torch_amp_custom_bwd
