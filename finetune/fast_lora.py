@@ -14,7 +14,7 @@ an 8B model these skinny, memory-bound kernels are about 15% of the GPU time
 
 Measured on an H100 (docs/BENCHMARKS.md, `bench/fast_lora_check.py`): one 8B layer's q/k/v 1.21x faster, o_proj
 1.05x, the MLP 1.00x (its 14336-wide GEMMs dominate), outputs identical and gradients within bf16 rounding; the
-whole training step only +0.4%, inside the spread between cards. So it is opt-in: LORA_KERNELS=fast.
+whole training step +0.3-0.4% (runs L5 and 8). Small, but free: the default, LORA_KERNELS=fast (unsloth: Unsloth's).
 
 Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32 or bitsandbytes 4-bit
 base weight, eager mode. Everything else (dropout, biases, fp8, int4, torch.compile tracing) runs Unsloth's own
