@@ -21,7 +21,10 @@ from finetune.paths import RunPaths, atomic_write_text
 
 def normalise(s: str) -> str:
     s = unicodedata.normalize("NFKC", s).lower()
-    s = re.sub(r"[\s\"'`.,!?;:()\[\]{}<>«»“”‘’、。]+", " ", s)
+    # Punctuation becomes a space, except a point or comma inside a number ("-18.0", "1,000"): splitting those
+    # would turn "-18.0°C" into a stand-alone "0".
+    s = re.sub(r"(?<![0-9])[.,]|[.,](?![0-9])", " ", s)
+    s = re.sub(r"[\s\"'`!?;:()\[\]{}<>«»“”‘’、。]+", " ", s)
     return " ".join(s.split())
 
 
@@ -31,13 +34,14 @@ def exact_match(pred: str, answers: list[str]) -> bool:
 
 
 def contains_match(pred: str, answers: list[str]) -> bool:
-    """The answer appears in the prediction as whole words (so '8' does not match '18')."""
+    """The answer appears in the prediction as whole words and whole numbers."""
     p = f" {normalise(pred)} "
     for a in answers:
         a = normalise(a)
         if not a:
             continue
-        if re.search(r"(?<![0-9a-z])" + re.escape(a) + r"(?![0-9a-z])", p):
+        # Not inside a longer word or number: "8" is not in "18", "0" not in "-18.0", "four" not in "twenty-four".
+        if re.search(r"(?<![0-9a-z.,-])" + re.escape(a) + r"(?![0-9a-z]|[.,][0-9])", p):
             return True
     return False
 

@@ -30,6 +30,17 @@ def test_contains_match_is_whole_word_and_normalised():
     assert contains_match("8 legs", ["8", "eight"])
 
 
+def test_a_number_inside_a_longer_number_does_not_match():
+    # The base model's "-18.0°C" for the freezing point of water once counted as "0" (the point became a space).
+    assert not contains_match("The freezing point of water is -18.0°C.", ["0", "zero"])
+    assert contains_match("Water freezes at 0°C.", ["0", "zero"])
+    assert contains_match("It freezes at 0.", ["0"])
+    assert not contains_match("about 1,000 people", ["000", "1"])
+    assert contains_match("about 1,000 people", ["1,000"])
+    assert not contains_match("twenty-four", ["four"])
+    assert contains_match("It boils at 100 degrees, at sea level.", ["100"])
+
+
 def _run_tree(tmp_path, smollm2_dir):
     cfg = RunConfig(base_model_name=str(smollm2_dir), base_save_path=str(tmp_path / "out"),
                     retention_set=str(tmp_path / "probes.json"), eval_max_new_tokens=16, use_qlora=False)
