@@ -35,6 +35,19 @@ def _tiny_peft(tiny_llama_dir):
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
 
 
+def _drifted(tiny_llama_dir):
+    """A tiny model whose adapter has moved away from the base (B != 0), and a marked batch."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    model = _tiny_peft(tiny_llama_dir)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    batch = ReplayMaskCollator(DataCollatorForLanguageModeling(pad_token_id=0))(_examples())
+    return model, batch, batch.pop("replay_mask")
+
+
 def test_with_the_adapter_still_zero_the_replay_part_is_zero(tiny_llama_dir):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -50,15 +63,7 @@ def test_with_the_adapter_still_zero_the_replay_part_is_zero(tiny_llama_dir):
 
 
 def test_a_drifted_adapter_pays_kl_on_replay_tokens_and_gets_a_gradient(tiny_llama_dir):
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    model = _tiny_peft(tiny_llama_dir)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    batch = ReplayMaskCollator(DataCollatorForLanguageModeling(pad_token_id=0))(_examples())
-    mask = batch.pop("replay_mask")
+    model, batch, mask = _drifted(tiny_llama_dir)
     only_user = replay_kl_loss(model, batch, torch.zeros_like(mask))[0]  # every label token counted as the user's
     loss, _ = replay_kl_loss(model, batch, mask)
     assert loss.item() != pytest.approx(only_user.item())
@@ -80,15 +85,7 @@ def test_auto_takes_kl_on_a_cpu_and_sft_on_a_gpu(tmp_path):
 
 
 def test_replay_weight_scales_only_the_replay_part(tiny_llama_dir):
-    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-    model = _tiny_peft(tiny_llama_dir)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    batch = ReplayMaskCollator(DataCollatorForLanguageModeling(pad_token_id=0))(_examples())
-    mask = batch.pop("replay_mask")
+    model, batch, mask = _drifted(tiny_llama_dir)
     l0, l1, l3 = (replay_kl_loss(model, batch, mask, weight=w)[0].item() for w in (1e-9, 1.0, 3.0))
     kl = l1 - l0
     assert kl > 0 and l3 == pytest.approx(l0 + 3 * kl, rel=1e-4)
