@@ -194,6 +194,15 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731 - one voice: rank 0 speaks for the run
     resume_from = _resume_point(cfg, paths, resume, p, log, is_main)
+    if resume_from:
+        # The optimizer state in the checkpoint is that optimizer's (8-bit and fused AdamW keep different state):
+        # resume with it, even where OPTIM=auto would now pick another. Checkpoints from before the manifest named
+        # it were written with the defaults of the time: 8-bit on a GPU, adamw_torch on a CPU.
+        saved = checkpoints.read_manifest(resume_from).get("optim") or (
+            "adamw_8bit" if backend.device == "cuda" else "adamw_torch")
+        if saved != p.optim:
+            log(f"[resume] keeping the checkpoint's optimizer {saved} (its state is {saved}'s; this run would pick {p.optim})")
+            p = dataclasses.replace(p, optim=saved)
 
     # The seed goes first: LoRA initialisation draws from it.
     from transformers import set_seed
@@ -567,6 +576,7 @@ class _SealCallback(TrainerCallback):
         meta = {"step": state.global_step, "epoch": state.epoch, "fingerprint": fingerprint(self.cfg, self.plan, self.paths),
                 "config": self.cfg.public_dict(), "versions": versions(), "data_fingerprint": data_fingerprint(self.paths),
                 "micro_batch": self.plan.micro_batch, "grad_accum": self.plan.grad_accum, "world_size": self.plan.world_size,
+                "optim": self.plan.optim,
                 "saved_at": time.time()}
         try:
             checkpoints.finalize(ckpt, meta)

@@ -143,6 +143,17 @@ def test_resume_refuses_a_changed_config_with_a_field_diff(tmp_path, tiny_llama_
     assert e.value.exit_code == 2
 
 
+def test_resume_keeps_the_optimizer_its_checkpoint_was_written_with(tmp_path, tiny_llama_dir):
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
+    with pytest.raises(Interrupted):
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(sigterm_at_step=3))
+    assert ck.read_manifest(ck.newest_complete(paths.checkpoints))["optim"] == "adamw_torch"
+    said = []
+    other = RunConfig(**{**cfg.public_dict(), "optim": "adamw_torch_fused"})
+    train(other, paths, str(tiny_llama_dir), tok, CPU, resume=True, log=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert any("keeping the checkpoint's optimizer adamw_torch" in line for line in said)
+
+
 def test_train_refuses_to_clobber_checkpoints_and_resume_needs_one(tmp_path, tiny_llama_dir):
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
     with pytest.raises(ConfigError, match="no complete checkpoint"):
