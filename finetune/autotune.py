@@ -63,7 +63,7 @@ FUSED_ADAM_MIN_BUDGET = MARGIN * 40 * GIB
 
 
 def optimizer_for(cfg, budget: float) -> str:
-    if getattr(cfg, "optim", "auto") != "auto":
+    if cfg.optim != "auto":
         return cfg.optim
     return "adamw_torch_fused" if budget >= FUSED_ADAM_MIN_BUDGET else "adamw_8bit"
 
@@ -102,10 +102,9 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: s
         modes = [grad_ckpt]
     if backend != "unsloth" and "offload" in modes:
         modes = ["on"]  # HF has no activation offload: plain checkpointing is the leanest it has
-    weights = getattr(cfg, "offload_weights", "off")
-    if backend == "unsloth" and weights == "on":
+    if backend == "unsloth" and cfg.offload_weights == "on":
         modes = ["stream"]
-    elif backend == "unsloth" and weights == "auto" and "offload" in modes:
+    elif backend == "unsloth" and cfg.offload_weights == "auto" and "offload" in modes:
         modes.append("stream")  # slower than offload: chosen only when nothing before it fits
     best: tuple | None = None
     for micro in sorted({d for d in range(1, (max_micro or total) + 1) if total % d == 0}):

@@ -468,7 +468,7 @@ class _GuardedSFTTrainer(SFTTrainer):
         super().__init__(*a, **kw)
         self._faults = faults
         self._replay_weight = replay_weight
-        # no_sync (one GPU): nothing in a micro-batch waits for the GPU. The finiteness of its loss is kept on the
+        # no_sync (one process): nothing in a micro-batch waits for the GPU. The finiteness of its loss is kept on the
         # device and read once before the optimizer step (_FiniteCheckCallback); the token count comes from the host.
         self._no_sync = no_sync
         self._finite = None
