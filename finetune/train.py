@@ -360,8 +360,6 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
                                  replay_weight=cfg.replay_weight, no_sync=no_sync)
     if cfg.replay_loss == "kl":
         trainer.data_collator = ReplayMaskCollator(trainer.data_collator)
-    if no_sync:
-        trainer.data_collator = TokenCountCollator(trainer.data_collator)
     return trainer
 
 
@@ -473,6 +471,7 @@ class _GuardedSFTTrainer(SFTTrainer):
         self._no_sync = no_sync
         self._finite = None
         if no_sync:
+            self.data_collator = TokenCountCollator(self.data_collator)
             self.add_callback(_FiniteCheckCallback(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
