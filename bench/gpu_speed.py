@@ -62,6 +62,9 @@ ARMS = {
     "ours_lora16": ("ours", {"USE_QLORA": "false", "BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),
     # _NOGUARD: no finiteness check of the loss (it syncs the host every micro-batch).
     "ours_noguard": ("ours", {"_NOGUARD": "1"}),
+    # _BLOCK_COMPILE=0: no per-block torch.compile (UNSLOTH_BLOCK_COMPILE_LEGACY=0), everything eager.
+    "ours_eager": ("ours", {"_BLOCK_COMPILE": "0"}),
+    "unsloth_eager": ("unsloth_raw", {"_BLOCK_COMPILE": "0"}),
 }
 
 
@@ -375,6 +378,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
     dump = lambda: json_path.write_text(json.dumps(result, indent=1))
     t0 = time.time()
     work = f"/tmp/bench_{name}"
+    if "_BLOCK_COMPILE" in env:  # read by Unsloth when it loads a model
+        os.environ["UNSLOTH_BLOCK_COMPILE_LEGACY"] = env["_BLOCK_COMPILE"]
     if kind == "ours":
         # The pipeline's own order: the config, then the backend choice (which imports unsloth first).
         from finetune import model as model_lib

@@ -13,13 +13,18 @@ an 8B model these skinny, memory-bound kernels are about 15% of the GPU time
   one GEMM each, so X is read once instead of three (two) times.
 
 Measured on an H100 (docs/BENCHMARKS.md, `bench/fast_lora_check.py`): one 8B layer's q/k/v 1.21x faster, o_proj
-1.05x, the MLP 1.00x (its 14336-wide GEMMs dominate), outputs identical and gradients within bf16 rounding; the
-whole training step +0.3-0.4% (runs L5 and 8). Small, but free: the default, LORA_KERNELS=fast (unsloth: Unsloth's).
+1.05x, the MLP 1.00x (its 14336-wide GEMMs dominate), outputs identical and gradients within bf16 rounding.
+
+On torch >= 2.11 Unsloth compiles every decoder block and traces these Functions into the graph, and this path
+runs there too: traced, dX gets its own buffer (AOT autograd forbids a backward writing into a forward input).
+Until run 10 it stepped aside whenever torch.compile was tracing, so the whole-step measurements of runs L5-9
+(+0.3-0.4%) were Unsloth's kernels against themselves; taken inside the compiled blocks, the whole 8B step runs
+5% faster (run 10: 15,785 against 15,026 tok/s). The default, LORA_KERNELS=fast (unsloth: Unsloth's own).
 
 Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32 or bitsandbytes 4-bit
-base weight, eager mode. Everything else (dropout, biases, fp8, int4, torch.compile tracing) runs Unsloth's own
-code unchanged. `install()` routes Unsloth's LoRA_QKV / LoRA_MLP / LoRA_W through here; the Function classes
-below are the same math on plain tensors, which the CPU test suite checks against autograd.
+base weight. Everything else (dropout, biases, fp8, int4) runs Unsloth's own code unchanged. `install()` routes
+Unsloth's LoRA_QKV / LoRA_MLP / LoRA_W through here; the Function classes below are the same math on plain
+tensors, which the CPU test suite checks against autograd, eager and traced.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ def _dequant_plain(W, W_quant, dtype, global_buffer=False):
 
 def _inplace_ok(X) -> bool:
     return True
+
+
+def _in_place(asked: bool, X) -> bool:
+    # A traced backward must not write into a forward input (AOT autograd rejects it), so dX gets its own buffer
+    # under torch.compile; eager, dX may reuse X's when the caller allows it and X is not kept elsewhere.
+    return asked and not torch.compiler.is_compiling() and _hooks["inplace_ok"](X)
 
 
 _hooks = {"dequant": _dequant_plain, "inplace_ok": _inplace_ok}
@@ -90,7 +101,7 @@ class LoRAQKV(torch.autograd.Function):
             del Wd
         ctx.custom_saved_tensors = (QW, QW_quant, QS, KW, KW_quant, KS, VW, VW_quant, VS)
         ctx.save_for_backward(X, QA, QB, KA, KB, VA, VB, *XAs)
-        ctx.inplace = inplace and _hooks["inplace_ok"](X)
+        ctx.inplace = _in_place(inplace, X)
         shape = X.shape[:-1]
         return tuple(o.view(*shape, -1) for o in outs)
 
@@ -143,7 +154,7 @@ class LoRAMLP(torch.autograd.Function):
         ctx.custom_saved_tensors = (gateW, gateW_quant, gateS, upW, upW_quant, upS, downW, downW_quant, downS,
                                     _backward_function)
         ctx.save_for_backward(gateA, gateB, upA, upB, downA, downB, X, e, g, XAg, XAu, hA)
-        ctx.inplace = inplace and _hooks["inplace_ok"](X)
+        ctx.inplace = _in_place(inplace, X)
         return i.view(*X.shape[:-1], -1)
 
     @staticmethod
@@ -226,7 +237,7 @@ def _plain_weight(W, W_quant) -> bool:
 
 def _eligible(X, weights, tail) -> bool:
     """No dropout, no bias (tail: dropout_p then biases), plain or 4-bit bases, eager, contiguous X."""
-    if any(t is not None for t in tail) or torch.compiler.is_compiling():
+    if any(t is not None for t in tail):
         return False
     if not (X.is_contiguous() and X.dtype in _FP_DTYPES):
         return False

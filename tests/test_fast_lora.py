@@ -92,3 +92,46 @@ def test_only_the_plain_case_is_routed():
     assert not fl._eligible(X.transpose(1, 2), [(W, None)], ())           # a non-contiguous input
     assert not fl._eligible(X, [(W.to(torch.int8), None)], ())            # a weight we do not expand
     assert not fl._eligible(X, [(W, object())], ())                       # a quant state that is not bnb 4-bit
+
+
+def _swiglu_bwd_traced(DW, e, g):
+    # What Unsloth's backward function does under torch.compile: the same three results, out of place.
+    se = torch.sigmoid(e)
+    f = e * se
+    return f * g, DW * f, DW * g * se * (1 + e * (1 - se))
+
+
+def test_traced_by_torch_compile_matches_autograd():
+    # Unsloth compiles each decoder block on torch >= 2.11 and traces these Functions into it: the traced
+    # forward and backward must give the same numbers, and dX must not be written into X (AOT autograd forbids it).
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    X0 = torch.randn(2, 5, 16, dtype=DT, requires_grad=True)
+    qkv = [_proj(o, 16, 4) for o in (16, 8, 8)]
+    (gW, gA, gB), (uW, uA, uB), (dW, dA, dB) = _proj(24, 16, 4), _proj(24, 16, 4), _proj(16, 24, 4)
+    oW, oA, oB = _proj(16, 16, 4)
+
+    def block(X, fused):
+        if fused:
+            args = [t for (W, A, B) in qkv for t in (W, None, A, B, 2.0)]
+            q, k, v = fl.LoRAQKV.apply(X, *args, True)
+        else:
+            q, k, v = (_ref(X, W, A, B, 2.0) for W, A, B in qkv)
+        h = q + torch.cat([k, v], dim=-1)
+        o = fl.LoRAW.apply(h, oW, None, oA, oB, 2.0) if fused else _ref(h, oW, oA, oB, 2.0)
+        if fused:
+            return fl.LoRAMLP.apply(o, gW, None, gA, gB, 2.0, uW, None, uA, uB, 2.0, dW, None, dA, dB, 2.0,
+                                    _swiglu_fwd, _swiglu_bwd_traced, True)
+        return _ref(F.silu(_ref(o, gW, gA, gB, 2.0)) * _ref(o, uW, uA, uB, 2.0), dW, dA, dB, 2.0)
+
+    compiled = torch.compile(lambda X: block(X, True), backend="aot_eager", fullgraph=True)
+    X = X0 * 1
+    out, ref = compiled(X), block(X0, False)
+    torch.testing.assert_close(out, ref)
+    leaves = [X0, oA, oB, gA, gB, uA, uB, dA, dB] + [t for _, A, B in qkv for t in (A, B)]
+    cot = torch.randn_like(ref)
+    X_before = X.detach().clone()
+    for g, gr in zip(_grads(out, leaves, cot), _grads(ref, leaves, cot)):
+        torch.testing.assert_close(g, gr)
+    torch.testing.assert_close(X.detach(), X_before)   # X itself untouched by the traced backward
