@@ -236,7 +236,7 @@ def _plain_weight(W, W_quant) -> bool:
 
 
 def _eligible(X, weights, tail) -> bool:
-    """No dropout, no bias (tail: dropout_p then biases), plain or 4-bit bases, eager, contiguous X."""
+    """No dropout, no bias (tail: dropout_p then biases), plain or 4-bit bases, contiguous X."""
     if any(t is not None for t in tail):
         return False
     if not (X.is_contiguous() and X.dtype in _FP_DTYPES):
