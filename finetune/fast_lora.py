@@ -15,16 +15,20 @@ an 8B model these skinny, memory-bound kernels are about 15% of the GPU time
 Measured on an H100 (docs/BENCHMARKS.md, `bench/fast_lora_check.py`): one 8B layer's q/k/v 1.21x faster, o_proj
 1.05x, the MLP 1.00x (its 14336-wide GEMMs dominate), outputs identical and gradients within bf16 rounding.
 
-On torch >= 2.11 Unsloth compiles every decoder block and traces these Functions into the graph, and this path
-runs there too: traced, dX gets its own buffer (AOT autograd forbids a backward writing into a forward input).
-Until run 10 it stepped aside whenever torch.compile was tracing, so the whole-step measurements of runs L5-9
-(+0.3-0.4%) were Unsloth's kernels against themselves; taken inside the compiled blocks, the whole 8B step runs
-5% faster (run 10: 15,785 against 15,026 tok/s). The default, LORA_KERNELS=fast (unsloth: Unsloth's own).
+On torch >= 2.11 Unsloth also torch.compiles every decoder block. With this router taking the traced calls, that
+block compile failed on every family tried (Llama, Qwen2, Qwen3, Gemma 2) and Unsloth fell back to the eager
+block; so the router steps aside while torch.compile traces, and with LORA_KERNELS=fast the blocks are left eager
+from the start (finetune/model.py turns Unsloth's per-block compile off) and these kernels run there. The whole
+8B step is 4-5% faster that way than with Unsloth's kernels in its compiled blocks (runs 10 and 12: 15,710 against
+15,026 tok/s; 15,810 against 15,193). Runs L5-9 measured this lever at +0.3-0.4%: there it stepped aside inside
+the compiled blocks, so those runs compared Unsloth's kernels with themselves. The default; LORA_KERNELS=unsloth
+keeps Unsloth's own kernels and its compiled blocks.
 
 Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32 or bitsandbytes 4-bit
-base weight. Everything else (dropout, biases, fp8, int4) runs Unsloth's own code unchanged. `install()` routes
-Unsloth's LoRA_QKV / LoRA_MLP / LoRA_W through here; the Function classes below are the same math on plain
-tensors, which the CPU test suite checks against autograd, eager and traced.
+base weight, eager. Everything else (dropout, biases, fp8, int4, torch.compile tracing) runs Unsloth's own code
+unchanged. `install()` routes Unsloth's LoRA_QKV / LoRA_MLP / LoRA_W through here; the Function classes below are
+the same math on plain tensors, which the CPU test suite checks against autograd, also traced by torch.compile
+(where dX gets its own buffer: AOT autograd forbids a backward writing into a forward input).
 """
 
 from __future__ import annotations
@@ -236,8 +240,8 @@ def _plain_weight(W, W_quant) -> bool:
 
 
 def _eligible(X, weights, tail) -> bool:
-    """No dropout, no bias (tail: dropout_p then biases), plain or 4-bit bases, contiguous X."""
-    if any(t is not None for t in tail):
+    """No dropout, no bias (tail: dropout_p then biases), plain or 4-bit bases, eager, contiguous X."""
+    if any(t is not None for t in tail) or torch.compiler.is_compiling():
         return False
     if not (X.is_contiguous() and X.dtype in _FP_DTYPES):
         return False

@@ -6,8 +6,10 @@ CPU machines never import it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,12 +186,32 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
     _match_vocab(model, tok)
     from finetune import fast_lora
 
-    fast_lora.install() if cfg.lora_kernels == "fast" else fast_lora.uninstall()
+    fast = cfg.lora_kernels == "fast"
+    fast_lora.install() if fast else fast_lora.uninstall()
     extra = {"checkpoint_skip_layers": keep_layers} if grad_ckpt == "partial" and keep_layers > 0 else {}
-    return FastLanguageModel.get_peft_model(
-        model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-        target_modules=target_modules(cfg), use_gradient_checkpointing=ckpt, random_state=cfg.seed,
-        max_seq_length=cfg.max_seq_length, **extra)
+    # fast_lora's kernels run in eager decoder blocks. On torch >= 2.11 Unsloth torch.compiles every block; it cannot
+    # trace them, and each block would fall back to eager after a failed compile anyway (docs/BENCHMARKS.md, run 10).
+    with _unsloth_block_compile(on=not fast):
+        return FastLanguageModel.get_peft_model(
+            model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
+            target_modules=target_modules(cfg), use_gradient_checkpointing=ckpt, random_state=cfg.seed,
+            max_seq_length=cfg.max_seq_length, **extra)
+
+
+@contextlib.contextmanager
+def _unsloth_block_compile(on: bool):
+    """Unsloth reads this switch when get_peft_model patches the model: "0" keeps its decoder blocks uncompiled."""
+    key = "UNSLOTH_BLOCK_COMPILE_LEGACY"
+    old = os.environ.get(key)
+    if not on:
+        os.environ[key] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _num_layers(base: str) -> int:

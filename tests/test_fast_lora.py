@@ -1,6 +1,8 @@
 """The reordered LoRA kernels (finetune/fast_lora.py) compute what plain autograd computes: outputs and every
 gradient, with equal and unequal ranks and scales, with dX written into X's buffer and without."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,8 +104,8 @@ def _swiglu_bwd_traced(DW, e, g):
 
 
 def test_traced_by_torch_compile_matches_autograd():
-    # Unsloth compiles each decoder block on torch >= 2.11 and traces these Functions into it: the traced
-    # forward and backward must give the same numbers, and dX must not be written into X (AOT autograd forbids it).
+    # The router steps aside while torch.compile traces, but the Functions themselves stay traceable: traced
+    # forward and backward give the same numbers, and dX is not written into X (AOT autograd forbids it).
     import torch._dynamo
 
     torch._dynamo.reset()
@@ -135,3 +137,21 @@ def test_traced_by_torch_compile_matches_autograd():
     for g, gr in zip(_grads(out, leaves, cot), _grads(ref, leaves, cot)):
         torch.testing.assert_close(g, gr)
     torch.testing.assert_close(X.detach(), X_before)   # X itself untouched by the traced backward
+
+
+def test_fast_kernels_keep_unsloths_decoder_blocks_eager(monkeypatch):
+    # Unsloth reads UNSLOTH_BLOCK_COMPILE_LEGACY when get_peft_model patches the model; with LORA_KERNELS=fast it
+    # must read "0" (the router steps aside inside compiled blocks), and the caller's own setting comes back after.
+    from finetune.model import _unsloth_block_compile
+
+    key = "UNSLOTH_BLOCK_COMPILE_LEGACY"
+    monkeypatch.delenv(key, raising=False)
+    with _unsloth_block_compile(on=False):
+        assert os.environ[key] == "0"
+    assert key not in os.environ
+    monkeypatch.setenv(key, "1")
+    with _unsloth_block_compile(on=False):
+        assert os.environ[key] == "0"
+    assert os.environ[key] == "1"
+    with _unsloth_block_compile(on=True):       # LORA_KERNELS=unsloth: Unsloth's own choice stands
+        assert os.environ[key] == "1"
