@@ -63,8 +63,10 @@ class RunConfig:
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA path (0 saves ~25% of activation memory on a GPU)")
-    lora_kernels: str = _f("fast", "fast | unsloth: on the Unsloth backend, fast reorders its fused LoRA GEMMs (same math, "
-                           "fewer memory passes: finetune/fast_lora.py); unsloth runs Unsloth's own", ("fast", "unsloth"))
+    lora_kernels: str = _f("auto", "auto | fast | unsloth: on the Unsloth backend, fast reorders its fused LoRA GEMMs in eager "
+                           "decoder blocks (same math, fewer memory passes: finetune/fast_lora.py); unsloth runs Unsloth's "
+                           "own in its compiled blocks; auto: fast for hidden size >= 3072, else unsloth",
+                           ("auto", "fast", "unsloth"))
     target_modules: str = _f("all-linear", "comma-separated module names, or all-linear (every projection)")
     chat_template: str = _f("auto", "auto (the tokenizer's own) | chatml | alpaca | llama-3")
     # --- data

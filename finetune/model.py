@@ -134,13 +134,14 @@ def bnb_config(device: str):
                               bnb_4bit_quant_storage=torch.bfloat16 if device == "cuda" else torch.float32)
 
 
-def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int = 0):
+def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int = 0,
+                      lora_kernels: str = "unsloth"):
     """The base (4-bit when USE_QLORA) with fresh LoRA adapters, ready for SFTTrainer.
 
     grad_ckpt: off | on | offload | stream | partial (keep_layers decoder layers keep their activations; Unsloth only).
     """
     if backend.name == "unsloth":
-        return _load_unsloth(cfg, base, tok, grad_ckpt, keep_layers)
+        return _load_unsloth(cfg, base, tok, grad_ckpt, keep_layers, lora_kernels)
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -166,7 +167,8 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckp
     return get_peft_model(model, lora_config(cfg, model))
 
 
-def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: int = 0):  # pragma: no cover - GPU
+def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: int = 0,
+                  lora_kernels: str = "unsloth"):  # pragma: no cover - GPU
     from unsloth import FastLanguageModel
 
     if cfg.replay_loss == "kl":  # the KL replay loss needs logits; Unsloth's fused loss skips them otherwise
@@ -186,7 +188,7 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
     _match_vocab(model, tok)
     from finetune import fast_lora
 
-    fast = cfg.lora_kernels == "fast"
+    fast = lora_kernels == "fast"
     fast_lora.install() if fast else fast_lora.uninstall()
     extra = {"checkpoint_skip_layers": keep_layers} if grad_ckpt == "partial" and keep_layers > 0 else {}
     # fast_lora's kernels run in eager decoder blocks. On torch >= 2.11 Unsloth torch.compiles every block; it cannot

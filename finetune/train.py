@@ -63,6 +63,7 @@ class TrainPlan:
     keep_layers: int = 0        # grad_ckpt == "partial": decoder layers that keep their activations
     padding_free: bool = False  # rows concatenated without pad tokens (Unsloth on a GPU, or PACKING)
     optim: str = "adamw_torch"
+    lora_kernels: str = "unsloth"  # Unsloth backend: fast (finetune/fast_lora.py, eager blocks) | unsloth
 
     @property
     def effective_batch(self) -> int:
@@ -95,6 +96,7 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
     # rows of one length train faster padded (nothing to pad, no boundaries to split attention at).
     padding_free = True
     optim = cfg.optim if cfg.optim != "auto" else "adamw_torch"
+    lora_kernels = "unsloth"
     if backend.device == "cuda":
         from finetune import autotune
 
@@ -118,12 +120,15 @@ def plan(cfg: RunConfig, backend: model_lib.Backend, rows: int, world_size: int 
         micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
         optim = autotune.optimizer_for(cfg, c.budget_bytes)
         notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + autotune.describe(c, shape["layers"]))
+        if backend.name == "unsloth":
+            lora_kernels, why = autotune.lora_kernels_for(cfg, shape)
+            notes.append(f"LoRA kernels {lora_kernels} ({why})")
     elif grad_ckpt == "auto":
         grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
     steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
     return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
-                     notes, keep, padding_free, optim)
+                     notes, keep, padding_free, optim, lora_kernels)
 
 
 def cap_gpu_memory(cfg: RunConfig) -> None:
@@ -207,7 +212,7 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     # The seed goes first: LoRA initialisation draws from it.
     from transformers import set_seed
     set_seed(cfg.seed)
-    model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers)
+    model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers, p.lora_kernels)
     trainable, total = _count_params(model)
     if is_main:
         _check_disk(cfg, paths, trainable, log)
@@ -291,8 +296,7 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
         f"{p.grad_accum} x {p.world_size} process(es); {p.steps_per_epoch} steps/epoch, {p.total_steps} steps total",
         f"[train] LoRA r={cfg.lora_rank} alpha={cfg.lora_alpha} dropout={cfg.lora_dropout} targets={cfg.target_modules};"
         f" trainable {trainable:,} of {total:,} parameters ({100 * trainable / max(total, 1):.2f}%"
-        + ("; the streamed layers' are not counted" if p.grad_ckpt == "stream" else "") + ")"
-        + (f"; LoRA kernels {cfg.lora_kernels}" if p.backend == "unsloth" else ""),
+        + ("; the streamed layers' are not counted" if p.grad_ckpt == "stream" else "") + ")",
         f"[train] lr {cfg.lr:g} ({cfg.lr_scheduler}, warmup {cfg.warmup_ratio:g}), {p.optim}; gradient checkpointing {ckpt};"
         f" replay loss {cfg.replay_loss if cfg.replay_fraction > 0 else 'off'};"
         f" checkpoints every {cfg.save_steps} steps in {paths.checkpoints}",

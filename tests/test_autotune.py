@@ -145,3 +145,19 @@ def test_the_optimizer_is_fused_adamw_on_a_large_gpu_and_8bit_on_a_small_one(tmp
     assert small.optim == "adamw_8bit" and small.micro_batch == 2  # the 8-bit moments keep room for two rows
     assert plan(gpu_cfg(tmp_path, optim="adamw_8bit"), GPU, 64, lengths=rows).optim == "adamw_8bit"
     assert plan(gpu_cfg(tmp_path), Backend("hf", "test", "cpu"), 64).optim == "adamw_torch"
+
+
+def test_lora_kernels_auto_takes_fast_lora_for_large_models_and_compiled_blocks_for_small(tmp_path, monkeypatch):
+    rows = [2048] * 64
+    monkeypatch.setattr(autotune, "budget_bytes", lambda cfg: H100)
+    monkeypatch.setattr(autotune, "model_shape", lambda cfg: SHAPE)
+    p = plan(gpu_cfg(tmp_path), GPU, 64, lengths=rows)
+    assert p.lora_kernels == "fast" and any("LoRA kernels fast (auto: hidden size 4096" in n for n in p.notes)
+    small = autotune.shape_from_config({**LLAMA_31_8B, "hidden_size": 1024, "num_attention_heads": 16,
+                                        "num_key_value_heads": 4, "intermediate_size": 2816, "num_hidden_layers": 4})
+    monkeypatch.setattr(autotune, "model_shape", lambda cfg: small)
+    assert plan(gpu_cfg(tmp_path), GPU, 64, lengths=rows).lora_kernels == "unsloth"
+    assert plan(gpu_cfg(tmp_path, lora_kernels="fast"), GPU, 64, lengths=rows).lora_kernels == "fast"   # asked for
+    assert plan(gpu_cfg(tmp_path), Backend("hf", "test", "cuda"), 64, lengths=rows).lora_kernels == "unsloth"
+    assert not any("LoRA kernels" in n for n in plan(gpu_cfg(tmp_path), Backend("hf", "test", "cuda"), 64,
+                                                      lengths=rows).notes)
