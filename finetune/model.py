@@ -172,7 +172,6 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
     from unsloth import FastLanguageModel
 
     if cfg.replay_loss == "kl":  # the KL replay loss needs logits; Unsloth's fused loss skips them otherwise
-        import os
         os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
 
     # off: every layer keeps its activations; on: standard recompute; offload/partial: Unsloth's offloaded
