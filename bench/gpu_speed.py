@@ -447,7 +447,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
             p = dataclasses.replace(p, padding_free=True, notes=[n for n in p.notes if "padded" not in n])
         show = lambda q: {"backend": backend.name, "why": backend.why, "micro_batch": q.micro_batch,
                           "grad_accum": q.grad_accum, "grad_ckpt": q.grad_ckpt, "keep_layers": q.keep_layers,
-                          "padding_free": q.padding_free, "lora_kernels": q.lora_kernels, "notes": q.notes, "effective_batch": q.effective_batch}
+                          "padding_free": q.padding_free, "lora_kernels": q.lora_kernels, "notes": q.notes,
+                          "effective_batch": q.effective_batch}
         result["plan"], result["plan_var"] = show(p), show(p_var)
         from transformers import set_seed
 

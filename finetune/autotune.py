@@ -63,9 +63,9 @@ FUSED_ADAM_MIN_BUDGET = MARGIN * 40 * GIB
 
 
 # LORA_KERNELS=auto: fast_lora (eager decoder blocks) from this hidden size up, Unsloth's kernels in its compiled
-# blocks below. Measured: hidden 4096 (Llama-3.1-8B) fast +4-5% (runs 10, 12, 13); hidden 1024 (4-layer Qwen2) fast
-# 6-32% slower, where compiling the blocks' elementwise work matters more than the LoRA passes (runs 12b, 13).
-# Between the two nothing was measured; 3072 puts 3B-class models and up on fast.
+# blocks below. Measured (docs/BENCHMARKS.md, runs 10-13): hidden 4096 (Llama-3.1-8B) fast +4-5%; hidden 1024 (a
+# 4-layer Qwen2, bench/families_check.py, two runs) fast 6-32% slower, where compiling the blocks' elementwise work
+# matters more than the LoRA passes. Between the two nothing was measured; 3072 puts 3B-class models and up on fast.
 FAST_LORA_MIN_HIDDEN = 3072
 
 

@@ -19,10 +19,11 @@ On torch >= 2.11 Unsloth also torch.compiles every decoder block. With this rout
 block compile failed on every family tried (Llama, Qwen2, Qwen3, Gemma 2) and Unsloth fell back to the eager
 block; so the router steps aside while torch.compile traces, and with LORA_KERNELS=fast the blocks are left eager
 from the start (finetune/model.py turns Unsloth's per-block compile off) and these kernels run there. The whole
-8B step is 4-5% faster that way than with Unsloth's kernels in its compiled blocks (runs 10 and 12: 15,710 against
-15,026 tok/s; 15,810 against 15,193). Runs L5-9 measured this lever at +0.3-0.4%: there it stepped aside inside
-the compiled blocks, so those runs compared Unsloth's kernels with themselves. The default; LORA_KERNELS=unsloth
-keeps Unsloth's own kernels and its compiled blocks.
+8B step is 4-5% faster that way than with Unsloth's kernels in its compiled blocks (runs 10, 12 and 13: 15,710
+against 15,026 tok/s; 15,810 against 15,193; 15,629 against 14,851). Runs L5-9 measured this lever at +0.3-0.4%:
+there it stepped aside inside the compiled blocks, so those runs compared Unsloth's kernels with themselves. A
+4-layer hidden-1024 model trains slower with eager blocks, so LORA_KERNELS=auto takes this path from hidden size
+3072 up (finetune/autotune.py); LORA_KERNELS=unsloth keeps Unsloth's own kernels and its compiled blocks.
 
 Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32 or bitsandbytes 4-bit
 base weight, eager. Everything else (dropout, biases, fp8, int4, torch.compile tracing) runs Unsloth's own code

@@ -190,8 +190,8 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
     fast = lora_kernels == "fast"
     fast_lora.install() if fast else fast_lora.uninstall()
     extra = {"checkpoint_skip_layers": keep_layers} if grad_ckpt == "partial" and keep_layers > 0 else {}
-    # fast_lora's kernels run in eager decoder blocks. On torch >= 2.11 Unsloth torch.compiles every block; it cannot
-    # trace them, and each block would fall back to eager after a failed compile anyway (docs/BENCHMARKS.md, run 10).
+    # fast_lora's kernels run in eager decoder blocks. On torch >= 2.11 Unsloth torch.compiles every block, and with
+    # the router in the traced code every block compile failed and fell back to eager (docs/BENCHMARKS.md, run 10).
     with _unsloth_block_compile(on=not fast):
         return FastLanguageModel.get_peft_model(
             model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
