@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """GPU check that LORA_KERNELS=fast trains every model family the way Unsloth's own kernels do (issue 5).
 
-fast_lora routes Unsloth's fused LoRA Functions for any family Unsloth patches, inside its compiled decoder
-blocks: Qwen2 (q/k/v biases: those stay on Unsloth's path), Qwen3 (q/k norms), Mistral, Gemma 2 (GeGLU, its own
+fast_lora routes Unsloth's fused LoRA Functions for any family Unsloth patches, with the decoder blocks left
+eager: Qwen2 (q/k/v biases: those stay on Unsloth's path), Qwen3 (q/k norms), Mistral, Gemma 2 (GeGLU, its own
 activation kernels passed through) besides Llama. For each family this builds a small random model of that
 architecture (4 layers, hidden 1024, the SmolLM2 tokenizer of .bench_tok), then runs this pipeline's train stage
-(`bench/gpu_speed.py arm`) twice, fast and unsloth kernels, each in its own process on the same rows with the same
-seed, and reports the first losses of both and their tokens/s.
+(`bench/gpu_speed.py arm`) twice, LORA_KERNELS=fast and =unsloth (Unsloth's kernels in its compiled blocks), each
+in its own process on the same rows with the same seed, and reports the first losses of both and their tokens/s.
 
     python3 bench/families_check.py --out $OUT [--families qwen2,qwen3,mistral,gemma2] [--steps 6]
 """
@@ -73,7 +73,7 @@ def main() -> None:
     log = open(a.out / "families.log", "a")
     for fam in a.families.split(","):
         model = build(fam, Path("/tmp"), ROOT / ".bench_tok")
-        for arm in ("ours", "ours_unsloth_kernels"):
+        for arm in ("ours_fast_kernels", "ours_unsloth_kernels"):
             left = a.deadline - (time.time() - start)
             if left < 40:
                 report.setdefault(fam, {})[arm] = {"skipped": f"{left:.0f}s left"}

@@ -47,6 +47,7 @@ ARMS = {
     "ours_stream": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2", "GRADIENT_CHECKPOINTING": "offload",
                              "OFFLOAD_WEIGHTS": "on"}),
     "ours_unsloth_kernels": ("ours", {"LORA_KERNELS": "unsloth"}),   # Unsloth's own LoRA kernels (the old default)
+    "ours_fast_kernels": ("ours", {"LORA_KERNELS": "fast"}),         # fast_lora in eager blocks, whatever the size
     "ours_8bit": ("ours", {"OPTIM": "adamw_8bit"}),                  # the old default optimizer
     "ours_12g": ("ours", {"MAX_GPU_MEMORY": "12"}),
     "ours_mb4": ("ours", {"BATCH_SIZE": "4", "GRAD_ACCUM": "2"}),            # micro-batch capped at 4
