@@ -455,7 +455,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
 
         set_seed(cfg.seed)
         base = model_lib.resolve_base(cfg)
-        model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers, p.lora_kernels)
+        model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers,
+                                            lora_kernels=p.lora_kernels)
         if env.get("_DEQUANT"):
             result["dequant_added_gib"] = round(dequantize_lora_bases(model) / 2**30, 2)
         paths = RunPaths.from_config(cfg)

@@ -134,11 +134,12 @@ def bnb_config(device: str):
                               bnb_4bit_quant_storage=torch.bfloat16 if device == "cuda" else torch.float32)
 
 
-def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int = 0,
-                      lora_kernels: str = "unsloth"):
+def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int = 0, *,
+                      lora_kernels: str):
     """The base (4-bit when USE_QLORA) with fresh LoRA adapters, ready for SFTTrainer.
 
     grad_ckpt: off | on | offload | stream | partial (keep_layers decoder layers keep their activations; Unsloth only).
+    lora_kernels: fast | unsloth, the plan's choice (Unsloth backend only).
     """
     if backend.name == "unsloth":
         return _load_unsloth(cfg, base, tok, grad_ckpt, keep_layers, lora_kernels)
@@ -167,8 +168,8 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckp
     return get_peft_model(model, lora_config(cfg, model))
 
 
-def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: int = 0,
-                  lora_kernels: str = "unsloth"):  # pragma: no cover - GPU
+def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: int,
+                  lora_kernels: str):  # pragma: no cover - GPU
     from unsloth import FastLanguageModel
 
     if cfg.replay_loss == "kl":  # the KL replay loss needs logits; Unsloth's fused loss skips them otherwise

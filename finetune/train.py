@@ -212,7 +212,8 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     # The seed goes first: LoRA initialisation draws from it.
     from transformers import set_seed
     set_seed(cfg.seed)
-    model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers, p.lora_kernels)
+    model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers,
+                                        lora_kernels=p.lora_kernels)
     trainable, total = _count_params(model)
     if is_main:
         _check_disk(cfg, paths, trainable, log)
