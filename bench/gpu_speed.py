@@ -434,16 +434,29 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
     else:
         import dataclasses
 
-        from finetune import train as train_lib
+        from finetune import plan as plan_lib, train as train_lib
         from finetune.paths import RunPaths
+        from finetune.trainer import build_trainer
 
+        # The train stage's own pieces, in its order: memory cap, the base's shape and the card's memory measured
+        # once, the plan, the model, then build_trainer (what the stage calls). Rows come from the synthetic
+        # workloads instead of a prepared file, and nothing is resumed or saved.
         train_lib.cap_gpu_memory(cfg)
-        p = train_lib.plan(cfg, backend, len(fixed_ds), lengths=[len(x) for x in fixed_ds["input_ids"]])
+        base = model_lib.resolve_base(cfg)
+        shape, memory = model_lib.model_shape(base), backend.gpu_memory()
+        p = plan_lib.plan(cfg, backend, len(fixed_ds), lengths=[len(x) for x in fixed_ds["input_ids"]], shape=shape,
+                          gpu_memory=memory)
         # The variable-length workload is planned from its own lengths, with the loaded model's checkpointing.
         forced = dataclasses.replace(cfg, gradient_checkpointing="offload", offload_weights="on") \
             if p.grad_ckpt == "stream" else dataclasses.replace(cfg, gradient_checkpointing=p.grad_ckpt)
-        p_var = train_lib.plan(forced, backend, len(var_ds), lengths=[len(x) for x in var_ds["input_ids"]],
-                               keep_fixed=p.keep_layers if p.grad_ckpt == "partial" else None)
+        var_lengths = [len(x) for x in var_ds["input_ids"]]
+        p_var = plan_lib.plan(forced, backend, len(var_ds), lengths=var_lengths, shape=shape, gpu_memory=memory)
+        if p.grad_ckpt == "partial":  # the loaded model keeps exactly p.keep_layers layers' activations
+            c = plan_lib.choose_micro_batch(
+                forced, p_var.micro_batch * p_var.grad_accum, 1, "partial", backend, shape,
+                plan_lib.budget_bytes(forced, memory), max_micro=None if cfg.batch_size == "auto" else int(cfg.batch_size),
+                lengths=var_lengths, padding_free=p_var.padding_free, keep_fixed=p.keep_layers)
+            p_var = dataclasses.replace(p_var, micro_batch=c.micro_batch, grad_accum=c.grad_accum, keep_layers=c.keep_layers)
         if env.get("_PADDING_FREE"):
             p = dataclasses.replace(p, padding_free=True, notes=[n for n in p.notes if "padded" not in n])
         show = lambda q: {"backend": backend.name, "why": backend.why, "micro_batch": q.micro_batch,
@@ -454,20 +467,18 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
         from transformers import set_seed
 
         set_seed(cfg.seed)
-        base = model_lib.resolve_base(cfg)
-        model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers,
-                                            lora_kernels=p.lora_kernels)
+        model = model_lib.load_for_training(cfg, base, tok, backend, p)
         if env.get("_DEQUANT"):
             result["dequant_added_gib"] = round(dequantize_lora_bases(model) / 2**30, 2)
         paths = RunPaths.from_config(cfg)
         if os.environ.get("BENCH_COUNT_LORA"):
             result["lora_paths"] = count_lora_paths()
-        print(train_lib.banner(cfg, p, *train_lib._count_params(model), paths), flush=True)
+        print(train_lib.banner(cfg, p, *train_lib.count_params(model), paths), flush=True)
 
         def make(ds, n):
             c = dataclasses.replace(cfg, max_steps=n)
             q = p_var if ds is var_ds else p
-            t = train_lib._build_trainer(c, paths, model, tok, q, ds, None, train_lib.Faults(), print)
+            t = build_trainer(c, paths, model, tok, q, ds)
             if env.get("_NOGUARD"):  # without the per-micro-batch finiteness check (a host sync)
                 from trl import SFTTrainer
                 t.compute_loss = SFTTrainer.compute_loss.__get__(t)

@@ -227,9 +227,9 @@ class RunConfig:
         need(0 <= self.eval_fraction < 1, f"EVAL_FRACTION={self.eval_fraction}: must be in [0, 1)")
         need(0 <= self.replay_fraction <= 4, f"REPLAY_FRACTION={self.replay_fraction}: must be in [0, 4]")
         need(0 < self.replay_weight <= 100, f"REPLAY_WEIGHT={self.replay_weight:g}: must be in (0, 100]")
-        need(not (self.replay_weight != 1 and self.replay_loss == "sft"),
-             f"REPLAY_WEIGHT={self.replay_weight:g} weights the kl replay loss: it needs REPLAY_LOSS=kl (or auto on a CPU), "
-             "not REPLAY_LOSS=sft")
+        # REPLAY_LOSS=auto is checked once the device resolves it (finetune/plan.py), by the same rule.
+        replay_problem = replay_weight_problem(self.replay_weight, self.replay_loss)
+        need(replay_problem is None, replay_problem or "")
         need(self.max_steps == -1 or self.max_steps >= 1, f"MAX_STEPS={self.max_steps}: must be -1 or >= 1")
         need(self.eval_steps >= 0, f"EVAL_STEPS={self.eval_steps}: must be >= 0")
         need(not (self.eval_steps and self.eval_fraction == 0),
@@ -257,6 +257,14 @@ class RunConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
+def replay_weight_problem(weight: float, loss: str, why: str = "") -> str | None:
+    """REPLAY_WEIGHT weights the kl replay loss only; with sft it would be silently ignored."""
+    if weight == 1 or loss != "sft":
+        return None
+    return (f"REPLAY_WEIGHT={weight:g} weights the kl replay loss, but REPLAY_LOSS={why or loss}: set REPLAY_LOSS=kl, "
+            "or leave REPLAY_WEIGHT at 1")
+
+
 def _read_env_file(path: str | os.PathLike | None, problems: list[str]) -> dict[str, str]:
     if not path or not Path(path).is_file():
         return {}

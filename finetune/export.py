@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 from finetune.config import RunConfig
-from finetune.errors import ConfigError, PipelineError, ResourceError
-from finetune.paths import RunPaths, atomic_dir
+from finetune.errors import ConfigError, PipelineError
+from finetune.paths import RunPaths, atomic_dir, require_disk
 
 DEFAULT_FORMATS = "f16,q8_0"
 # format -> (convert_hf_to_gguf --outtype, gguf.LlamaFileType member written as general.file_type)
@@ -160,13 +160,7 @@ def _quantiser_missing() -> str | None:
 def _check_disk(merged: Path, out_dir: Path, n_formats: int) -> None:
     size = sum(p.stat().st_size for p in merged.rglob("*") if p.is_file())
     need = int(size * DISK_FACTOR * n_formats)
-    probe = out_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise ResourceError(f"GGUF export of {n_formats} format(s) needs about {need / 1e9:.1f} GB free at {probe} "
-                            f"({merged} is {size / 1e9:.1f} GB); {free / 1e9:.1f} GB are free")
+    require_disk(out_dir, need, f"the GGUF export of {n_formats} format(s) ({merged} is {size / 1e9:.1f} GB)")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -35,7 +35,6 @@ def main(only: tuple[str, ...] | None = None) -> int:
         cfg = RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env"))
     except ConfigError as e:
         return _fail(e)
-    fault = os.environ.get("RAPA_FAULT", "")  # test-only; inert unless set
     dist = Dist.from_env(os.environ)
     _setup_tracking(cfg)
     if dist.is_main:
@@ -43,7 +42,7 @@ def main(only: tuple[str, ...] | None = None) -> int:
     paths = RunPaths.from_config(cfg)
     runlog = RunLog(cfg, paths, enabled=dist.is_main)
     try:
-        run(cfg, paths, runlog, fault, only, dist)
+        run(cfg, paths, runlog, only, dist)
     except PipelineError as e:
         runlog.finish(e.exit_code, str(e))
         return _fail(e)
@@ -63,7 +62,7 @@ def main(only: tuple[str, ...] | None = None) -> int:
     return 0
 
 
-def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: tuple[str, ...] | None = None,
+def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] | None = None,
         dist: Dist = Dist()) -> None:
     """The table of contents of a job. With several processes, rank 0 does everything but training alone."""
     from finetune import model as model_lib
@@ -99,12 +98,14 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
             build_replay(cfg, paths, base, backend.device)
     dist.barrier()  # the other ranks read the prepared data rank 0 just wrote
     if "train" in stages:
-        with runlog.stage("train"):
-            from finetune.train import Faults, train
+        with runlog.stage("train") as record:
+            from finetune.plan import resolve_replay_loss
+            from finetune.train import train
 
             tok, _ = model_lib.load_tokenizer(base, cfg)
-            adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training", faults=Faults.parse(fault),
+            adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
                              world_size=dist.world_size, is_main=dist.is_main)
+            record["replay_loss"] = resolve_replay_loss(cfg, backend.device)  # as the plan resolved it
             runlog.artefact("adapters", adapters)
     if not dist.is_main:
         return
