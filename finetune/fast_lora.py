@@ -1,4 +1,4 @@
-"""Fewer memory passes in Unsloth's fused LoRA layers (issue 5: GPU speed).
+"""Fewer memory passes in Unsloth's fused LoRA layers.
 
 Unsloth computes every LoRA projection as the base GEMM followed by a second GEMM that adds the low-rank term
 onto the output (``out.addmm_(X @ A, B)``, which reads and writes the whole output again), and its backward
@@ -12,18 +12,13 @@ an 8B model these skinny, memory-bound kernels are about 15% of the GPU time
 - projections that read the same input (q/k/v, gate/up) get their A products and their dX low-rank terms from
   one GEMM each, so X is read once instead of three (two) times.
 
-Measured on an H100 (docs/BENCHMARKS.md, `bench/fast_lora_check.py`): one 8B layer's q/k/v 1.21x faster, o_proj
-1.05x, the MLP 1.00x (its 14336-wide GEMMs dominate), outputs identical and gradients within bf16 rounding.
-
-On torch >= 2.11 Unsloth also torch.compiles every decoder block. With this router taking the traced calls, that
-block compile failed on every family tried (Llama, Qwen2, Qwen3, Gemma 2) and Unsloth fell back to the eager
-block; so the router steps aside while torch.compile traces, and with LORA_KERNELS=fast the blocks are left eager
-from the start (finetune/model.py turns Unsloth's per-block compile off) and these kernels run there. The whole
-8B step is 4-5% faster that way than with Unsloth's kernels in its compiled blocks (runs 10, 12 and 13: 15,710
-against 15,026 tok/s; 15,810 against 15,193; 15,629 against 14,851). Runs L5-9 measured this lever at +0.3-0.4%:
-there it stepped aside inside the compiled blocks, so those runs compared Unsloth's kernels with themselves. A
-4-layer hidden-1024 model trains slower with eager blocks, so LORA_KERNELS=auto takes this path from hidden size
-3072 up (finetune/autotune.py); LORA_KERNELS=unsloth keeps Unsloth's own kernels and its compiled blocks.
+Why eager decoder blocks: Unsloth torch.compiles every block (torch >= 2.11), and a block compile cannot trace this
+router's fused Functions (it failed on every family tried). So the router steps aside while torch.compile traces,
+and with LORA_KERNELS=fast finetune/model.py leaves Unsloth's blocks eager from the start, where these kernels run.
+That trade (fewer memory passes, no block compile) pays off on large hidden sizes and loses on small ones, hence
+LORA_KERNELS=auto's threshold on the hidden size (model.Backend.lora_kernels); LORA_KERNELS=unsloth keeps
+Unsloth's own kernels and its compiled blocks. The measurements behind both, per layer and for the whole step, are
+in docs/BENCHMARKS.md ("GPU speed", `bench/fast_lora_check.py` and runs 10-13).
 
 Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32 or bitsandbytes 4-bit
 base weight, eager. Everything else (dropout, biases, fp8, int4, torch.compile tracing) runs Unsloth's own code
