@@ -41,32 +41,41 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     train_rows, eval_rows = load_rows(paths, cfg)
     if not train_rows:
         raise ConfigError(f"no prepared training data in {paths.train_file}: run JOB=prepare (or JOB=train) first")
-    if backend.device == "cuda":
-        cap_gpu_memory(cfg)
     # The dataset before the plan: the plan sizes micro-batches from the tokenised lengths. Replay rows are flagged
-    # for the kl loss, which the plan resolves the same way (REPLAY_LOSS=auto depends on the device).
-    train_ds = to_dataset(train_rows, tok, cfg, resolve_replay_loss(cfg, backend.device))
-    # The model's shape and the card's memory are measured here, once; the planner itself touches neither.
-    shape = model_lib.model_shape(base) if backend.device == "cuda" else None
+    # for the kl loss, which REPLAY_LOSS=auto takes on some devices only (resolved as the plan resolves it).
+    replay_loss = resolve_replay_loss(cfg, backend.device)
+    train_ds = to_dataset(train_rows, tok, cfg, replay_loss)
+    eval_ds = to_dataset(eval_rows, tok, cfg, replay_loss) if eval_rows else None
+    # The plan: the model's shape and the card's memory are measured here, once; the planner touches neither.
     p = plan(cfg, backend, len(train_rows), world_size, lengths=[len(x) for x in train_ds["input_ids"]],
-             shape=shape, gpu_memory=backend.gpu_memory())
-    # The resume point after the plan: a checkpoint must match the plan's fingerprint and process count, and
+             shape=model_lib.model_shape(base) if backend.device == "cuda" else None, gpu_memory=backend.gpu_memory())
+    # The resume point after the plan: a checkpoint must match the plan's fingerprint and process count, and it
     # keeps the optimizer its state belongs to.
     resume_from = _resume_point(cfg, paths, resume, p, log, is_main)
     if resume_from:
         p = _keep_checkpoint_optimizer(p, resume_from, backend, log)
+    # The model only now: everything above can refuse the run in seconds.
+    model = _load_model(cfg, paths, base, tok, backend, p, log, is_main)
+    trainer = build_trainer(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks)
+    _run(trainer, resume_from, p, paths, log)
+    return _save_adapter(cfg, paths, trainer, tok, p, is_main)
 
-    # The seed goes before the model: LoRA initialisation draws from it.
-    set_seed(cfg.seed)
+
+def _load_model(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Backend, p: TrainPlan, log,
+                is_main: bool):
+    if backend.device == "cuda":
+        cap_gpu_memory(cfg)  # before the first allocation
+    set_seed(cfg.seed)  # LoRA initialisation draws from it
     model = model_lib.load_for_training(cfg, base, tok, backend, p)
     trainable, total = count_params(model)
-    if is_main:
+    if is_main:  # the checkpoints' size is known once the adapter exists; still before the first step
         _check_disk(cfg, paths, trainable, log)
     log(banner(cfg, p, trainable, total, paths))
+    return model
 
-    trainer = build_trainer(cfg, paths, model, tok, p, train_ds,
-                            to_dataset(eval_rows, tok, cfg, p.replay_loss) if eval_rows else None, log=log,
-                            extra_callbacks=extra_callbacks)
+
+def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log) -> None:
+    """trainer.train with SIGTERM/SIGINT turned into a checkpoint and Interrupted (exit 75), OOM into exit 4."""
     stop = SignalFlag()
     with stop.installed():
         try:
@@ -80,8 +89,6 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
         last = checkpoints.newest_complete(paths.checkpoints, log)
         raise Interrupted(f"stopped by {stop.received} at step {trainer.state.global_step}; saved {last}. "
                           "Continue with JOB=resume_training ./run.sh")
-    return _save_adapter(cfg, paths, trainer, tok, p, is_main)
-
 
 
 def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
