@@ -67,6 +67,120 @@ PACKED_OVERHEAD = 0.04
 FUSED_ADAM_MIN_BUDGET = MARGIN * 40 * GIB
 
 
+
+@dataclass
+class TrainPlan:
+    """Derived numbers, printed once in the banner and saved in the manifest."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    grad_ckpt: str
+    backend: str
+    device: str
+    rows: int
+    steps_per_epoch: int
+    total_steps: int
+    notes: list[str] = field(default_factory=list)
+    keep_layers: int = 0        # grad_ckpt == "partial": decoder layers that keep their activations
+    padding_free: bool = False  # rows concatenated without pad tokens (Unsloth on a GPU, or PACKING)
+    optim: str = "adamw_torch"
+    lora_kernels: str = "unsloth"  # Unsloth backend: fast (finetune/fast_lora.py, eager blocks) | unsloth
+    replay_loss: str = "sft"    # REPLAY_LOSS resolved for this device (auto: kl on a CPU, sft on a GPU)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+def resolve_replay_loss(cfg: RunConfig, device: str) -> str:
+    """REPLAY_LOSS=auto: the KL loss where it was measured (CPU, docs/QUALITY.md), plain SFT on a GPU."""
+    from finetune.config import replay_weight_problem
+
+    if cfg.replay_loss != "auto":
+        return cfg.replay_loss  # an explicit value was checked with the rest of the config
+    loss = "kl" if device == "cpu" and cfg.replay_fraction > 0 else "sft"
+    problem = replay_weight_problem(cfg.replay_weight, loss, f"auto means {loss} on this {device.upper()}")
+    if problem:
+        raise ConfigError(problem)
+    return loss
+
+
+def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengths: list[int] | None = None,
+         shape: dict | None = None, gpu_memory: float | None = None) -> TrainPlan:
+    """The plan for `rows` training rows.
+
+    lengths: tokenised row lengths (the GPU choice sizes micro-batches from them when given).
+    shape: shape_from_config of the base; gpu_memory: the card's bytes. Both needed on a GPU only.
+    """
+    logical = 8 if cfg.batch_size == "auto" else int(cfg.batch_size)
+    # The effective batch is BATCH_SIZE x GRAD_ACCUM whatever the number of processes, so a run moved from 1 to N
+    # GPUs trains the same thing: each process takes 1/N of it.
+    total = logical * cfg.grad_accum
+    if total % world_size:
+        raise ConfigError(f"effective batch BATCH_SIZE x GRAD_ACCUM = {total} does not split over {world_size} processes; "
+                          f"make it a multiple of {world_size}")
+    if world_size > 1:
+        share = total // world_size
+        logical = max(d for d in range(1, min(logical, share) + 1) if share % d == 0)
+        micro, accum = logical, share // logical
+    else:
+        micro, accum = logical, cfg.grad_accum
+    grad_ckpt = cfg.gradient_checkpointing
+    if cfg.offload_weights == "on" and not backend.streams_weights:
+        raise ConfigError(f"OFFLOAD_WEIGHTS=on streams layers with Unsloth's block swap, but this run's backend is "
+                          f"{backend.name} ({backend.why}): set OFFLOAD_WEIGHTS=auto, or run on a CUDA GPU with unsloth")
+    keep, notes = 0, []
+    # Padding-free batches by default: no compute on pad tokens. Row boundaries are kept by position ids, which
+    # transformers turns into a block-diagonal mask (tests/data/test_packing.py checks the per-row loss). On a GPU,
+    # rows of one length train faster padded (nothing to pad, no boundaries to split attention at).
+    padding_free = True
+    optim = cfg.optim if cfg.optim != "auto" else "adamw_torch"
+    lora_kernels = "unsloth"
+    if backend.device == "cuda":
+        if shape is None or gpu_memory is None:
+            raise ValueError("a GPU plan needs the model's shape and the card's memory")
+        budget = budget_bytes(cfg, gpu_memory)
+        # BATCH_SIZE=auto (or any value) on a GPU: the same effective batch, cut into micro-batches that fit.
+        choose = lambda pf: choose_micro_batch(  # noqa: E731
+            cfg, logical, accum, grad_ckpt, backend, shape, budget, max_micro=None if cfg.batch_size == "auto" else logical,
+            lengths=None if cfg.packing else lengths, padding_free=pf)
+        c = choose(padding_free)
+        if lengths and not cfg.packing:
+            # Padded or padding-free, whichever is estimated faster per useful (non-pad) token. Padding-free never
+            # computes on pads but pays for splitting attention at row boundaries; padded rows of one length pay
+            # nothing, and on a small GPU the padded plan may fit more rows per micro-batch (its peak is micro x
+            # the longest row, padding-free's the sum of the longest rows plus separators).
+            c_pad = choose(False)
+            t_pf, t_pad, pad = useful_token_times(cfg, shape, lengths, c, c_pad)
+            if t_pad < t_pf:
+                padding_free, c = False, c_pad
+                notes.append(f"padded batches: estimated {t_pf / t_pad:.2f}x faster per useful token than padding-free "
+                             f"(micro-batch {c_pad.micro_batch}, expected padding {pad:.1%} of tokens)")
+        micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
+        optim = optimizer_for(cfg, c.budget_bytes)
+        notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + describe(c, shape["layers"]))
+        kernels = backend.lora_kernels(cfg, shape)
+        if kernels:
+            lora_kernels, why = kernels
+            notes.append(f"LoRA kernels {lora_kernels} ({why})")
+    elif grad_ckpt == "auto":
+        grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
+    steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
+    return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
+                     notes, keep, padding_free, optim, lora_kernels, resolve_replay_loss(cfg, backend.device))
+
+
+def budget_bytes(cfg: RunConfig, gpu_memory: float) -> float:
+    """What the estimate may fill: MARGIN of the card, or of MAX_GPU_MEMORY when that is smaller."""
+    if cfg.max_gpu_memory > 0:
+        gpu_memory = min(gpu_memory, cfg.max_gpu_memory * GIB)
+    return MARGIN * gpu_memory
+
+
+# ---- the GPU choice ------------------------------------------------------------------------------------
+
 def optimizer_for(cfg, budget: float) -> str:
     if cfg.optim != "auto":
         return cfg.optim
@@ -231,115 +345,3 @@ def describe(c: Choice, layers: int) -> str:
     return (f"micro-batch {c.micro_batch} x grad-accum {c.grad_accum}, gradient checkpointing {ck}; "
             f"estimated peak {c.est_bytes / GIB:.1f} GiB of a {c.budget_bytes / GIB:.1f} GiB budget"
             + (f" ({c.note})" if c.note else ""))
-
-
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class TrainPlan:
-    """Derived numbers, printed once in the banner and saved in the manifest."""
-
-    micro_batch: int
-    grad_accum: int
-    world_size: int
-    grad_ckpt: str
-    backend: str
-    device: str
-    rows: int
-    steps_per_epoch: int
-    total_steps: int
-    notes: list[str] = field(default_factory=list)
-    keep_layers: int = 0        # grad_ckpt == "partial": decoder layers that keep their activations
-    padding_free: bool = False  # rows concatenated without pad tokens (Unsloth on a GPU, or PACKING)
-    optim: str = "adamw_torch"
-    lora_kernels: str = "unsloth"  # Unsloth backend: fast (finetune/fast_lora.py, eager blocks) | unsloth
-    replay_loss: str = "sft"    # REPLAY_LOSS resolved for this device (auto: kl on a CPU, sft on a GPU)
-
-    @property
-    def effective_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
-
-
-def resolve_replay_loss(cfg: RunConfig, device: str) -> str:
-    """REPLAY_LOSS=auto: the KL loss where it was measured (CPU, docs/QUALITY.md), plain SFT on a GPU."""
-    from finetune.config import replay_weight_problem
-
-    if cfg.replay_loss != "auto":
-        return cfg.replay_loss  # an explicit value was checked with the rest of the config
-    loss = "kl" if device == "cpu" and cfg.replay_fraction > 0 else "sft"
-    problem = replay_weight_problem(cfg.replay_weight, loss, f"auto means {loss} on this {device.upper()}")
-    if problem:
-        raise ConfigError(problem)
-    return loss
-
-
-def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengths: list[int] | None = None,
-         shape: dict | None = None, gpu_memory: float | None = None) -> TrainPlan:
-    """The plan for `rows` training rows.
-
-    lengths: tokenised row lengths (the GPU choice sizes micro-batches from them when given).
-    shape: shape_from_config of the base; gpu_memory: the card's bytes. Both needed on a GPU only.
-    """
-    logical = 8 if cfg.batch_size == "auto" else int(cfg.batch_size)
-    # The effective batch is BATCH_SIZE x GRAD_ACCUM whatever the number of processes, so a run moved from 1 to N
-    # GPUs trains the same thing: each process takes 1/N of it.
-    total = logical * cfg.grad_accum
-    if total % world_size:
-        raise ConfigError(f"effective batch BATCH_SIZE x GRAD_ACCUM = {total} does not split over {world_size} processes; "
-                          f"make it a multiple of {world_size}")
-    if world_size > 1:
-        share = total // world_size
-        logical = max(d for d in range(1, min(logical, share) + 1) if share % d == 0)
-        micro, accum = logical, share // logical
-    else:
-        micro, accum = logical, cfg.grad_accum
-    grad_ckpt = cfg.gradient_checkpointing
-    if cfg.offload_weights == "on" and not backend.streams_weights:
-        raise ConfigError(f"OFFLOAD_WEIGHTS=on streams layers with Unsloth's block swap, but this run's backend is "
-                          f"{backend.name} ({backend.why}): set OFFLOAD_WEIGHTS=auto, or run on a CUDA GPU with unsloth")
-    keep, notes = 0, []
-    # Padding-free batches by default: no compute on pad tokens. Row boundaries are kept by position ids, which
-    # transformers turns into a block-diagonal mask (tests/data/test_packing.py checks the per-row loss). On a GPU,
-    # rows of one length train faster padded (nothing to pad, no boundaries to split attention at).
-    padding_free = True
-    optim = cfg.optim if cfg.optim != "auto" else "adamw_torch"
-    lora_kernels = "unsloth"
-    if backend.device == "cuda":
-        if shape is None or gpu_memory is None:
-            raise ValueError("a GPU plan needs the model's shape and the card's memory")
-        budget = budget_bytes(cfg, gpu_memory)
-        # BATCH_SIZE=auto (or any value) on a GPU: the same effective batch, cut into micro-batches that fit.
-        choose = lambda pf: choose_micro_batch(  # noqa: E731
-            cfg, logical, accum, grad_ckpt, backend, shape, budget, max_micro=None if cfg.batch_size == "auto" else logical,
-            lengths=None if cfg.packing else lengths, padding_free=pf)
-        c = choose(padding_free)
-        if lengths and not cfg.packing:
-            # Padded or padding-free, whichever is estimated faster per useful (non-pad) token. Padding-free never
-            # computes on pads but pays for splitting attention at row boundaries; padded rows of one length pay
-            # nothing, and on a small GPU the padded plan may fit more rows per micro-batch (its peak is micro x
-            # the longest row, padding-free's the sum of the longest rows plus separators).
-            c_pad = choose(False)
-            t_pf, t_pad, pad = useful_token_times(cfg, shape, lengths, c, c_pad)
-            if t_pad < t_pf:
-                padding_free, c = False, c_pad
-                notes.append(f"padded batches: estimated {t_pf / t_pad:.2f}x faster per useful token than padding-free "
-                             f"(micro-batch {c_pad.micro_batch}, expected padding {pad:.1%} of tokens)")
-        micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
-        optim = optimizer_for(cfg, c.budget_bytes)
-        notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + describe(c, shape["layers"]))
-        kernels = backend.lora_kernels(cfg, shape)
-        if kernels:
-            lora_kernels, why = kernels
-            notes.append(f"LoRA kernels {lora_kernels} ({why})")
-    elif grad_ckpt == "auto":
-        grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
-    steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
-    return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
-                     notes, keep, padding_free, optim, lora_kernels, resolve_replay_loss(cfg, backend.device))
-
-
-def budget_bytes(cfg: RunConfig, gpu_memory: float) -> float:
-    """What the estimate may fill: MARGIN of the card, or of MAX_GPU_MEMORY when that is smaller."""
-    if cfg.max_gpu_memory > 0:
-        gpu_memory = min(gpu_memory, cfg.max_gpu_memory * GIB)
-    return MARGIN * gpu_memory
