@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from finetune import embedded
 from finetune.config import RunConfig
 from finetune.errors import ConfigError
+from finetune.plan import shape_from_config
 
 if TYPE_CHECKING:
     from finetune.plan import TrainPlan
@@ -123,8 +124,6 @@ class Backend:
 
 def model_shape(base: str) -> dict:
     """The base's shape as the planner's memory model reads it, from its config.json."""
-    from finetune.plan import shape_from_config
-
     return shape_from_config(json.loads((Path(base) / "config.json").read_text()))
 
 
