@@ -1,8 +1,4 @@
-"""Runs the stages a JOB names and maps failures to exit codes.
-
-    train            prepare -> replay -> train -> merge -> evaluate (-> export when EXPORT_GGUF)
-    resume_training  train (from the newest complete checkpoint) -> merge -> evaluate
-    prepare | merge | evaluate | export   one stage on the outputs already on disk
+"""Runs the stages a JOB names (the table is finetune/jobs.py) and maps failures to exit codes.
 
 Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupted (resumable), 1 anything else.
 """
@@ -13,30 +9,30 @@ import os
 import sys
 import traceback
 
+from finetune import config as config_lib
 from finetune.config import SECRETS, RunConfig, describe
 from finetune.dist import Dist
 from finetune.errors import ConfigError, PipelineError, ResourceError
+from finetune.jobs import JOBS
 from finetune.paths import RunPaths
 from finetune.runlog import RunLog
 
-STAGES = {
-    "train": ("prepare", "replay", "train", "merge", "evaluate", "export"),
-    "resume_training": ("train", "merge", "evaluate", "export"),
-    "prepare": ("prepare",),
-    "merge": ("merge",),
-    "evaluate": ("evaluate",),
-    "export": ("export",),
-}
+STAGES = {name: job.stages for name, job in JOBS.items() if job.runner == "pipeline"}
 
 
 def main(only: tuple[str, ...] | None = None) -> int:
     """Run JOB's stages (or just `only`, for the thin per-stage scripts); return the exit code."""
     try:
-        cfg = RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env"))
+        settings = config_lib.load()
+        cfg = settings.config
+        if only is None and cfg.job not in STAGES:
+            raise ConfigError(f"JOB={cfg.job} is not a pipeline job: run it as ./run.sh {cfg.job}")
     except ConfigError as e:
         return _fail(e)
+    for key, value in settings.library_env.items():  # .env's HF_TOKEN, WANDB_*, ...: where the libraries look
+        os.environ.setdefault(key, value)
     fault = os.environ.get("RAPA_FAULT", "")  # test-only; inert unless set
-    dist = Dist.from_env(os.environ)
+    dist = Dist.from_env(os.environ)  # set per process by the launcher, not settings of ours
     _setup_tracking(cfg)
     if dist.is_main:
         print(f"[config] JOB={cfg.job}\n{describe(cfg)}", flush=True)
@@ -103,8 +99,9 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
             from finetune.train import Faults, train
 
             tok, _ = model_lib.load_tokenizer(base, cfg)
-            adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training", faults=Faults.parse(fault),
-                             world_size=dist.world_size, is_main=dist.is_main)
+            with model_lib.training_switches(cfg, backend):
+                adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training", faults=Faults.parse(fault),
+                                 world_size=dist.world_size, is_main=dist.is_main)
             runlog.artefact("adapters", adapters)
     if not dist.is_main:
         return

@@ -15,9 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
+    from finetune.config import RunConfig
     from finetune.embedded import materialize
 
-    return materialize()
+    return materialize(RunConfig().cache_dir)
 
 
 @pytest.fixture(scope="session")
