@@ -7,6 +7,8 @@ import pytest
 from tests.conftest import qa_rows, write_jsonl
 from tests.e2e.helpers import ROOT, probe_file, read_jsonl, run_sh
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory, smollm2_dir):
