@@ -3,7 +3,9 @@
 Nothing below `RunConfig.from_env` reads `os.environ`. This module imports only the standard library (and
 python-dotenv when present) so that `run.sh --help` works on a bare machine before any install.
 
-    python -m finetune.config --help        # every variable with its default
+    python -m finetune.config --help         # the jobs, and every variable with its default
+    python -m finetune.config --launch-plan  # what run.sh needs to start the job (shell assignments), or exit 2
+    python -m finetune.config --check        # the effective configuration as JSON, or exit 2
 """
 
 from __future__ import annotations
