@@ -26,7 +26,7 @@ JOBS: dict[str, Job] = {
     "prepare": Job("validate and tokenise DATA_PATH into <run>/data", ("prepare",)),
     "merge": Job("merge the saved adapter into the base (parity-checked)", ("merge",)),
     "evaluate": Job("score base and fine-tuned model on the questions and retention probes", ("evaluate",)),
-    "export": Job("write GGUF files from the merged model (EXPORT_GGUF, default f16)", ("export",)),
+    "export": Job("write GGUF files and a Modelfile from the merged model (EXPORT_GGUF; empty: f16,q8_0)", ("export",)),
     "test": Job("the test suite (pytest; extra arguments after the job go to pytest)", runner="pytest"),
 }
 
