@@ -36,7 +36,7 @@ def main(n: int) -> dict:
     data = tmp / "alpaca.jsonl"
     make(data, n)
     cfg = RunConfig(data_path=str(data), base_save_path=str(tmp / "out"), eval_fraction=0.01)
-    tok, _ = load_tokenizer(str(materialize()), cfg)
+    tok, _ = load_tokenizer(str(materialize(cfg.cache_dir)), cfg)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t = time.time()
     stats = prepare(cfg, RunPaths.from_config(cfg), tok)

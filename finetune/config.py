@@ -3,7 +3,9 @@
 Nothing below `RunConfig.from_env` reads `os.environ`. This module imports only the standard library (and
 python-dotenv when present) so that `run.sh --help` works on a bare machine before any install.
 
-    python -m finetune.config --help        # every variable with its default
+    python -m finetune.config --help         # the jobs, and every variable with its default
+    python -m finetune.config --launch-plan  # what run.sh needs to start the job (shell assignments), or exit 2
+    python -m finetune.config --check        # the effective configuration as JSON, or exit 2
 """
 
 from __future__ import annotations
@@ -18,28 +20,62 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from finetune.errors import ConfigError
+from finetune.jobs import JOBS as _JOB_TABLE
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_DATA = "data/sample/korquad_sample.json"
-JOBS = ("train", "resume_training", "prepare", "merge", "evaluate", "export", "test")
+JOBS = tuple(_JOB_TABLE)
 DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messages", "text")
+GGUF_FORMATS = ("f16", "bf16", "q8_0", "q4_k_m")
+DEFAULT_GGUF = "f16,q8_0"  # what JOB=export writes when EXPORT_GGUF is empty
 
-# Variables that belong to the libraries we drive; allowed in `.env` and never treated as typos of ours.
+# Variables of the libraries we drive: allowed in `.env` (exported to the process there, where the libraries look)
+# and in the environment, and never treated as typos of ours.
 PASSTHROUGH = {
     "WANDB_API_KEY", "WANDB_ENTITY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_BASE_URL", "HF_TOKEN",
     "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
-    "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
-    "RAPA_NO_VENV", "RAPA_CACHE", "PYTHON", "VENV", "HOSTFILE", "ENV_FILE", "WORLD_SIZE", "RANK",
-    "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+    "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
 }
+# run.sh's launcher settings: honoured from the environment or `.env` through `--launch-plan`; not RunConfig fields
+# because they choose how processes start, not what a run computes. name -> (default, help)
+LAUNCH = {
+    "NNODES": ("1", "nodes taking part in a multi-node run (torchrun; every node runs ./run.sh)"),
+    "NODE_RANK": ("0", "this node's index, 0 .. NNODES-1"),
+    "MASTER_ADDR": ("127.0.0.1", "address of node 0 (torchrun rendezvous)"),
+    "MASTER_PORT": ("29500", "port on node 0 (torchrun, or DeepSpeed's launcher with HOSTFILE)"),
+    "HOSTFILE": ("", "DeepSpeed hostfile: launch on every host it lists over ssh, from this node"),
+}
+# Read by run.sh before a Python is chosen or `.env` is found, so `.env` cannot set them: refused there, loudly.
+# name -> help
+SHELL_ONLY = {
+    "RAPA_NO_VENV": "1: use $PYTHON as it is (a provisioned image or GPU machine); never create .venv or install",
+    "PYTHON": "the Python that creates .venv (default python3)",
+    "VENV": "the virtual environment's folder (default .venv next to run.sh)",
+    "ENV_FILE": "the settings file to read instead of .env",
+}
+# Set by the launcher (torchrun / DeepSpeed) for each process; a value in `.env` would never reach it.
+LAUNCHER_SET = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "RAPA_EXIT_FILE"}
 # Never printed, never saved: they stay in the environment where the libraries find them.
 SECRETS = ("WANDB_API_KEY", "HF_TOKEN")
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, demo: Any = None, embedded: Any = None) -> Any:
+def gguf_list(raw: str) -> str:
+    """EXPORT_GGUF in one spelling: lower case, _ not -, no blanks or repeats, order kept ("Q8-0, f16" -> "q8_0,f16")."""
+    out: list[str] = []
+    for part in raw.split(","):
+        fmt = part.strip().lower().replace("-", "_")
+        if fmt and fmt not in out:
+            out.append(fmt)
+    return ",".join(out)
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, demo: Any = None, embedded: Any = None,
+       normalise: Any = None) -> Any:
     # demo: the value when BASE_MODEL_NAME and DATA_PATH are both unset (the bundled demo);
-    # embedded: the value when BASE_MODEL_NAME is unset (the bundled SmolLM2, whatever the data).
-    meta = {"help": help, "choices": choices, "demo": demo, "embedded": embedded}
+    # embedded: the value when BASE_MODEL_NAME is unset (the bundled SmolLM2, whatever the data);
+    # normalise: str -> str applied to the raw value before it is checked, so every later reader sees one spelling.
+    meta = {"help": help, "choices": choices, "demo": demo, "embedded": embedded, "normalise": normalise}
     return field(default=default, metadata=meta)
 
 
@@ -48,11 +84,13 @@ class RunConfig:
     """Every knob of a run. The environment name of a field is its name in upper case."""
 
     # --- what to run
-    job: str = _f("train", "train | resume_training | prepare | merge | evaluate | export | test", JOBS)
+    job: str = _f("train", " | ".join(JOBS) + " (./run.sh --help says what each does)", JOBS)
     base_model_name: str = _f(EMBEDDED_MODEL, "HF model folder or name; the default is the bundled SmolLM2-135M-Instruct")
     data_path: str = _f(DEFAULT_DATA, "JSON / JSONL file, folder of them, or datasets.save_to_disk folder")
     base_save_path: str = _f("final_model", "root of the output tree <root>/<model>/<epochs>/")
     checkpoint_path: str = _f("", "checkpoint folder; default checkpoints/<model>/<epochs>/<qlora|lora>")
+    rapa_cache: str = _f("", "cache folder (the converted bundled model, base-model replay and eval answers); "
+                         "default $XDG_CACHE_HOME/rapa, else ~/.cache/rapa")
     overwrite: bool = _f(False, "JOB=train over existing checkpoints/outputs starts over instead of refusing")
     # --- model and adapter
     # The bundled 135M model fits in 1 GB, and NF4 alone costs it 10 of the 24 probe answers it knew
@@ -124,7 +162,9 @@ class RunConfig:
     qlora_merge_base: str = _f("original", "QLoRA merge into: original (the unquantised base) | dequantized (its NF4 "
                                "round trip, exactly what was trained)", ("original", "dequantized"))
     merge_parity_tol: float = _f(1e-3, "largest allowed max-abs logit difference (relative to logit scale) in the parity gate")
-    export_gguf: str = _f("", "after merge also write GGUF: comma list of f16, q8_0, bf16, q4_k_m (empty = no export)")
+    export_gguf: str = _f("", "after merge also write GGUF: comma list of " + ", ".join(GGUF_FORMATS) + " (case and - "
+                          "vs _ do not matter; empty = no export after merge, " + DEFAULT_GGUF + " for JOB=export)",
+                          normalise=gguf_list)
     eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
@@ -136,6 +176,11 @@ class RunConfig:
     @property
     def model_slug(self) -> str:
         return Path(self.base_model_name.rstrip("/")).name or self.base_model_name
+
+    @property
+    def cache_dir(self) -> Path:
+        """from_env resolves RAPA_CACHE; a config built in code without it resolves it the same way."""
+        return Path(self.rapa_cache or default_cache_dir(os.environ))
 
     @property
     def adapter_kind(self) -> str:
@@ -164,46 +209,12 @@ class RunConfig:
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> "RunConfig":
-        """Build the config from `environ` over the `.env` file (the real environment wins). Raise ConfigError
-        listing every problem at once."""
-        environ = dict(os.environ if environ is None else environ)
-        problems: list[str] = []
-        file_values = _read_env_file(env_file, problems)
-        merged = {**file_values, **environ}
-        names = {f.name.upper(): f for f in dataclasses.fields(cls)}
+    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = "") -> "RunConfig":
+        """Build the config from `environ` over the settings file (the real environment wins). Raise ConfigError
+        listing every problem at once. `env_file` "" means $ENV_FILE, else `.env`; None reads no file."""
+        return load(environ, env_file).config
 
-        for key in file_values:
-            if key not in names and key not in PASSTHROUGH:
-                problems.append(_unknown(key, names, f"in {env_file}"))
-        for key in environ:
-            if key not in names and key not in PASSTHROUGH and _looks_like_ours(key, names):
-                problems.append(_unknown(key, names, "in the environment"))
-
-        user_set = {k for k in names if merged.get(k, "") != ""}
-        embedded = "BASE_MODEL_NAME" not in user_set
-        demo = embedded and "DATA_PATH" not in user_set
-        values: dict[str, Any] = {}
-        for name, f in names.items():
-            raw = merged.get(name, "")
-            if raw == "":
-                if demo and f.metadata.get("demo") is not None:
-                    values[f.name] = f.metadata["demo"]
-                elif embedded and f.metadata.get("embedded") is not None:
-                    values[f.name] = f.metadata["embedded"]
-                continue
-            try:
-                values[f.name] = _coerce(raw, f)
-            except ValueError as e:
-                problems.append(f"{name}={raw!r}: {e}")
-        # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
-        # so one error lists every problem.
-        cfg = cls(**values)
-        problems.extend(cfg.problems())
-        if not problems:
-            return cfg
-        raise ConfigError("configuration has %d problem(s):\n  - %s" % (len(problems), "\n  - ".join(problems)))
-
+    # ------------------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Cross-field and range checks. Paths are checked by the stages that read them."""
         p: list[str] = []
@@ -248,9 +259,9 @@ class RunConfig:
         mods = [m.strip() for m in self.target_modules.split(",")]
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
              f"TARGET_MODULES={self.target_modules!r}: comma-separated module names such as q_proj,v_proj, or all-linear")
-        for fmt in filter(None, self.export_gguf.split(",")):
-            need(fmt.strip() in ("f16", "q8_0", "bf16", "q4_k_m"),
-                 f"EXPORT_GGUF={self.export_gguf!r}: allowed are f16, q8_0, bf16, q4_k_m (q4_k_m needs llama-cpp-python)")
+        bad = [fmt for fmt in gguf_list(self.export_gguf).split(",") if fmt and fmt not in GGUF_FORMATS]
+        need(not bad, f"EXPORT_GGUF={self.export_gguf!r}: unknown format(s) {', '.join(bad)}; allowed are "
+             f"{', '.join(GGUF_FORMATS)} (q4_k_m needs llama-cpp-python)")
         need(self.chat_template in ("auto", "chatml", "alpaca", "llama-3"),
              f"CHAT_TEMPLATE={self.chat_template!r}: allowed are auto, chatml, alpaca, llama-3")
         return p
@@ -265,6 +276,91 @@ def replay_weight_problem(weight: float, loss: str, why: str = "") -> str | None
             "or leave REPLAY_WEIGHT at 1")
 
 
+@dataclass(frozen=True)
+class Settings:
+    """Everything read from the environment and the settings file, checked once."""
+
+    config: RunConfig
+    launch: dict  # LAUNCH name -> value, for run.sh
+    library_env: dict  # PASSTHROUGH values from the settings file, for the process environment
+
+
+def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = "") -> Settings:
+    """Read and check everything; raise ConfigError listing every problem at once."""
+    environ = dict(os.environ if environ is None else environ)
+    if env_file == "":
+        env_file = environ.get("ENV_FILE") or ".env"
+    problems: list[str] = []
+    file_values = _read_env_file(env_file, problems)
+    merged = {**file_values, **environ}
+    names = {f.name.upper(): f for f in dataclasses.fields(RunConfig)}
+
+    for key in file_values:  # our file: every name must be one we read from it
+        if key in SHELL_ONLY:
+            problems.append(f"{key} in {env_file}: run.sh reads it before the file is found; set it in the environment "
+                            f"({key}=... ./run.sh)")
+        elif key in LAUNCHER_SET:
+            problems.append(f"{key} in {env_file}: set by the launcher (torchrun) for each process, not by you")
+        elif key not in names and key not in PASSTHROUGH and key not in LAUNCH:
+            problems.append(_unknown(key, names, f"in {env_file}"))
+    for key in environ:  # everyone's environment: only a close misspelling of one of ours is an error
+        if _misspells_ours(key, names):
+            problems.append(_unknown(key, names, "in the environment"))
+
+    user_set = {k for k in names if merged.get(k, "") != ""}
+    embedded = "BASE_MODEL_NAME" not in user_set
+    demo = embedded and "DATA_PATH" not in user_set
+    values: dict[str, Any] = {}
+    for name, f in names.items():
+        raw = merged.get(name, "")
+        if raw == "":
+            if demo and f.metadata.get("demo") is not None:
+                values[f.name] = f.metadata["demo"]
+            elif embedded and f.metadata.get("embedded") is not None:
+                values[f.name] = f.metadata["embedded"]
+            continue
+        try:
+            values[f.name] = _coerce(raw, f)
+        except ValueError as e:
+            problems.append(f"{name}={raw!r}: {e}")
+    values["rapa_cache"] = values.get("rapa_cache") or str(default_cache_dir(merged))
+    launch = {k: merged.get(k, "") or default for k, (default, _) in LAUNCH.items()}
+    for k in ("NNODES", "NODE_RANK", "MASTER_PORT"):
+        if not launch[k].isdigit():
+            problems.append(f"{k}={launch[k]!r}: expected a non-negative integer")
+    if launch["NNODES"].isdigit() and launch["NODE_RANK"].isdigit() and not int(launch["NODE_RANK"]) < int(launch["NNODES"]) >= 1:
+        problems.append(f"NODE_RANK={launch['NODE_RANK']} with NNODES={launch['NNODES']}: must be in 0 .. NNODES-1")
+    if launch["HOSTFILE"] and not Path(launch["HOSTFILE"]).is_file():
+        problems.append(f"HOSTFILE={launch['HOSTFILE']}: no such file")
+    # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
+    # so one error lists every problem.
+    cfg = RunConfig(**values)
+    problems.extend(cfg.problems())
+    if len(problems) == 1:
+        raise ConfigError(f"configuration: {problems[0]}")
+    if problems:
+        raise ConfigError("configuration has %d problem(s):\n  - %s" % (len(problems), "\n  - ".join(problems)))
+    return Settings(cfg, launch, {k: merged[k] for k in file_values if k in PASSTHROUGH and merged[k] != ""})
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    """RAPA_CACHE, else $XDG_CACHE_HOME/rapa, else ~/.cache/rapa."""
+    if environ.get("RAPA_CACHE"):
+        return Path(environ["RAPA_CACHE"])
+    return Path(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "rapa"
+
+
+def launch_plan(settings: Settings) -> str:
+    """What run.sh needs to start the job, as shell assignments it can `eval`: one question, asked once."""
+    import shlex
+
+    cfg, job = settings.config, _JOB_TABLE[settings.config.job]
+    plan = {"JOB": cfg.job, "JOB_RUNNER": job.runner, "JOB_GPUS": "1" if job.gpus else "0", "NUM_GPUS": str(cfg.num_gpus),
+            **settings.launch, **{k: v for k, v in settings.library_env.items() if k == "CUDA_VISIBLE_DEVICES"}}
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in plan.items())
+
+
+# ----------------------------------------------------------------------------------------------------
 def _read_env_file(path: str | os.PathLike | None, problems: list[str]) -> dict[str, str]:
     if not path or not Path(path).is_file():
         return {}
@@ -281,17 +377,42 @@ def _read_env_file(path: str | os.PathLike | None, problems: list[str]) -> dict[
     return {k: (v or "") for k, v in dotenv_values(path).items()}
 
 
-_PREFIXES = ("LORA_", "DATA_", "EVAL_", "MERGE_", "EXPORT_", "QLORA", "USE_", "NUM_", "MAX_SEQ", "BASE_MODEL",
-             "BASE_SAVE", "CHECKPOINT_", "SAVE_", "LEARNING_", "GRAD_", "TRAIN_", "REPLAY_", "RETENTION_")
+# Third-party variables that sit close to one of ours; never read as a misspelling.
+OTHERS = {"DATA_DIR", "SAVE_DIR", "NUM_THREADS", "USE_CUDA", "MAX_JOBS", "NUM_WORKERS", "EPOCHS", "BATCH", "SEED_VALUE"}
 
 
-def _looks_like_ours(key: str, names: Mapping[str, Any]) -> bool:
-    # The process environment holds many unrelated variables: only flag the ones close to ours.
-    return key.startswith(_PREFIXES) or bool(difflib.get_close_matches(key, list(names), n=1, cutoff=0.85))
+def _misspells_ours(key: str, names: Mapping[str, Any]) -> bool:
+    """The process environment holds every tool's variables (DATA_DIR, NUM_THREADS, ...): an unknown one is an error
+    only when it is a near miss of ours: within two edits (one for names up to five letters), or the same words or
+    letters in another order (RANK_LORA, LORA_RNAK)."""
+    if key in names or key in PASSTHROUGH or key in LAUNCH or key in SHELL_ONLY or key in LAUNCHER_SET or key in OTHERS:
+        return False
+    for name in names:
+        limit = 1 if min(len(key), len(name)) <= 5 else 2
+        if abs(len(key) - len(name)) <= limit and _edits(key, name) <= limit:
+            return True
+        if sorted(key) == sorted(name) or sorted(key.split("_")) == sorted(name.split("_")):
+            return True
+    return False
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance, with a swap of neighbours counting once (LORA_RNAK is one slip)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
 
 
 def _unknown(key: str, names: Mapping[str, Any], where: str) -> str:
-    guess = difflib.get_close_matches(key, list(names) + sorted(PASSTHROUGH), n=1, cutoff=0.6)
+    known = list(names) + sorted(PASSTHROUGH | set(LAUNCH) | set(SHELL_ONLY))
+    guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" (did you mean {guess[0]}?)" if guess else " (run ./run.sh --help for the list)"
     return f"{key}: unknown variable {where}{hint}"
 
@@ -302,6 +423,8 @@ _FALSE = {"0", "false", "no", "off", "n", "f"}
 
 def _coerce(raw: str, f: dataclasses.Field) -> Any:
     raw = raw.strip()
+    if f.metadata.get("normalise"):
+        raw = f.metadata["normalise"](raw)
     kind = type(f.default)
     choices = f.metadata.get("choices")
     if kind is bool:
@@ -334,15 +457,22 @@ def describe(cfg: RunConfig) -> str:
 
 
 def help_text() -> str:
-    out = ["Variables (environment or .env; the environment wins). Defaults in brackets;",
+    from finetune.jobs import summary
+
+    out = ["Jobs (JOB=<job> or ./run.sh <job>):", summary(), "",
+           "Variables (environment or .env; the environment wins). Defaults in brackets;",
            "the embedded demo (BASE_MODEL_NAME and DATA_PATH both unset) uses the preset in braces ({demo: ...}),",
            "and the bundled model (BASE_MODEL_NAME unset) its own ({embedded: ...}).", ""]
     for f in dataclasses.fields(RunConfig):
         demo, emb = f.metadata.get("demo"), f.metadata.get("embedded")
         preset = (f" {{demo: {demo}}}" if demo is not None else "") + (f" {{embedded: {emb}}}" if emb is not None else "")
         out.append(f"  {f.name.upper():<26} [{f.default}]{preset}  {f.metadata['help']}")
+    out += ["", "Launching (run.sh; environment or .env):"]
+    out += [f"  {k:<26} [{d}]  {h}" for k, (d, h) in LAUNCH.items()]
+    out += ["", "run.sh itself (environment only: read before .env is found):"]
+    out += [f"  {k:<26} {h}" for k, h in SHELL_ONLY.items()]
     out.append("")
-    out.append("  Secrets, read from the environment only and never printed or saved: " + ", ".join(SECRETS))
+    out.append("  Secrets, read from the environment or .env, never printed or saved: " + ", ".join(SECRETS))
     return "\n".join(out)
 
 
@@ -354,6 +484,11 @@ def env_example() -> str:
         default = f.default if not isinstance(f.default, bool) else str(f.default).lower()
         out.append(f"# {f.metadata['help']}")
         out.append(f"# {f.name.upper()}={default}")
+    out += ["", "# Launching several processes (run.sh)."]
+    for k, (d, h) in LAUNCH.items():
+        out += [f"# {h}", f"# {k}={d}"]
+    out += ["", "# Read by run.sh before this file is found: set these in the environment, never here (refused here).",
+            *[f"#   {k}: {h}" for k, h in SHELL_ONLY.items()]]
     out += ["", "# Secrets: set them here or in the environment; they are never printed or written anywhere.",
             "# WANDB_API_KEY=", "# HF_TOKEN="]
     return "\n".join(out) + "\n"
@@ -362,15 +497,15 @@ def env_example() -> str:
 if __name__ == "__main__":
     if "--env-example" in sys.argv:
         print(env_example(), end="")
-    elif "--get" in sys.argv:  # run.sh asks for a value that may come from .env
-        name = sys.argv[sys.argv.index("--get") + 1]
+    elif "--launch-plan" in sys.argv:  # run.sh: everything it needs to start the job, or one error and exit 2
         try:
-            print(getattr(RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env")), name.lower()))
-        except ConfigError:
-            print(getattr(RunConfig(), name.lower()))  # the full error comes from the job itself
+            print(launch_plan(load()), end="")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     elif "--check" in sys.argv:
         try:
-            print(json.dumps(RunConfig.from_env().public_dict(), indent=1))
+            print(json.dumps(load().config.public_dict(), indent=1))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

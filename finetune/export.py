@@ -28,16 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.config import RunConfig
+from finetune.config import DEFAULT_GGUF, GGUF_FORMATS, RunConfig, gguf_list
 from finetune.errors import ConfigError, PipelineError
 from finetune.paths import RunPaths, atomic_dir, require_disk
 
-DEFAULT_FORMATS = "f16,q8_0"
 # format -> (convert_hf_to_gguf --outtype, gguf.LlamaFileType member written as general.file_type)
 CONVERTER_FORMATS = {"f16": ("f16", "MOSTLY_F16"), "bf16": ("bf16", "MOSTLY_BF16"), "q8_0": ("q8_0", "MOSTLY_Q8_0")}
 # formats made by llama.cpp's quantiser from a 16-bit GGUF: format -> LlamaFileType member
 QUANTISER_FORMATS = {"q4_k_m": "MOSTLY_Q4_K_M"}
-ALL_FORMATS = tuple(CONVERTER_FORMATS) + tuple(QUANTISER_FORMATS)
+ALL_FORMATS = GGUF_FORMATS  # the config's list, which EXPORT_GGUF is checked against
+assert set(ALL_FORMATS) == set(CONVERTER_FORMATS) | set(QUANTISER_FORMATS), "config.GGUF_FORMATS and export disagree"
 MODELFILE_PREFERENCE = ("q4_k_m", "q8_0", "f16", "bf16")  # what the Modelfile points at, first present wins
 DISK_FACTOR = 1.2  # bytes needed per format, relative to the merged folder (the task's estimate)
 # Tensors the converter adds that have no safetensors counterpart (llama-3 rope scaling factors).
@@ -118,12 +118,8 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
 
 # ----------------------------------------------------------------------------------------------------
 def parse_formats(value: str) -> list[str]:
-    """`EXPORT_GGUF` as an ordered list without repeats; empty means the default f16,q8_0."""
-    out: list[str] = []
-    for part in (value or "").split(",") if (value or "").strip() else DEFAULT_FORMATS.split(","):
-        fmt = part.strip().lower().replace("-", "_")
-        if fmt and fmt not in out:
-            out.append(fmt)
+    """`EXPORT_GGUF` as an ordered list without repeats, spelled as the config spells it; empty means the default."""
+    out = (gguf_list(value or "") or DEFAULT_GGUF).split(",")
     bad = [f for f in out if f not in ALL_FORMATS]
     if bad:
         raise ConfigError(f"EXPORT_GGUF={value!r}: unknown format(s) {', '.join(bad)}; allowed are {', '.join(ALL_FORMATS)}")

@@ -34,7 +34,7 @@ def resolve_base(cfg: RunConfig) -> str:
             raise ConfigError(f"BASE_MODEL_NAME={name}: folder has no config.json (not a Hugging Face model folder)")
         return str(Path(name))
     if name == embedded.NAME:
-        return str(embedded.materialize())
+        return str(embedded.materialize(cfg.cache_dir))
     try:
         from huggingface_hub import snapshot_download
 
@@ -226,7 +226,7 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, p: Train
     """
     grad_ckpt = p.grad_ckpt
     if backend.unsloth:
-        return _load_unsloth(cfg, base, tok, grad_ckpt, p.keep_layers, p.lora_kernels, p.replay_loss)
+        return _load_unsloth(cfg, base, tok, grad_ckpt, p.keep_layers, p.lora_kernels)
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
@@ -253,11 +253,8 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, p: Train
 
 
 def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: int,
-                  lora_kernels: str, replay_loss: str):  # pragma: no cover - GPU
+                  lora_kernels: str):  # pragma: no cover - GPU
     from unsloth import FastLanguageModel
-
-    if replay_loss == "kl":  # the KL replay loss needs logits; Unsloth's fused loss skips them otherwise
-        os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
 
     # off: every layer keeps its activations; on: standard recompute; offload/partial: Unsloth's offloaded
     # checkpointing, with `keep_layers` layers exempt from it under partial.
@@ -284,13 +281,25 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
             max_seq_length=cfg.max_seq_length, **extra)
 
 
-@contextlib.contextmanager
 def _unsloth_block_compile(on: bool):
     """Unsloth reads this switch when get_peft_model patches the model: "0" keeps its decoder blocks uncompiled."""
-    key = "UNSLOTH_BLOCK_COMPILE_LEGACY"
+    return _env_switch("UNSLOTH_BLOCK_COMPILE_LEGACY", None if on else "0")
+
+
+def training_switches(backend: Backend, replay_loss: str):
+    """Library switches read from the environment while a model trains; the train stage runs inside this and the
+    process environment is as it was afterwards. Unsloth's fused loss returns no logits unless told, and the KL
+    replay loss needs them (Unsloth reads the switch at every forward, so it stays set for the whole stage)."""
+    kl = backend.name == "unsloth" and replay_loss == "kl"
+    return _env_switch("UNSLOTH_RETURN_LOGITS", "1" if kl else None)
+
+
+@contextlib.contextmanager
+def _env_switch(key: str, value: str | None):
+    """Set environment variable `key` to `value` (None: leave it as it is) for the block, then restore it."""
     old = os.environ.get(key)
-    if not on:
-        os.environ[key] = "0"
+    if value is not None:
+        os.environ[key] = value
     try:
         yield
     finally:

@@ -1,8 +1,4 @@
-"""Runs the stages a JOB names and maps failures to exit codes.
-
-    train            prepare -> replay -> train -> merge -> evaluate (-> export when EXPORT_GGUF)
-    resume_training  train (from the newest complete checkpoint) -> merge -> evaluate
-    prepare | merge | evaluate | export   one stage on the outputs already on disk
+"""Runs the stages a JOB names (the table is finetune/jobs.py) and maps failures to exit codes.
 
 Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupted (resumable), 1 anything else.
 """
@@ -13,29 +9,29 @@ import os
 import sys
 import traceback
 
+from finetune import config as config_lib
 from finetune.config import SECRETS, RunConfig, describe
 from finetune.dist import Dist
 from finetune.errors import ConfigError, PipelineError, ResourceError
+from finetune.jobs import JOBS
 from finetune.paths import RunPaths
 from finetune.runlog import RunLog
 
-STAGES = {
-    "train": ("prepare", "replay", "train", "merge", "evaluate", "export"),
-    "resume_training": ("train", "merge", "evaluate", "export"),
-    "prepare": ("prepare",),
-    "merge": ("merge",),
-    "evaluate": ("evaluate",),
-    "export": ("export",),
-}
+STAGES = {name: job.stages for name, job in JOBS.items() if job.runner == "pipeline"}
 
 
 def main(only: tuple[str, ...] | None = None) -> int:
     """Run JOB's stages (or just `only`, for the thin per-stage scripts); return the exit code."""
     try:
-        cfg = RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env"))
+        settings = config_lib.load()
+        cfg = settings.config
+        if only is None and cfg.job not in STAGES:
+            raise ConfigError(f"JOB={cfg.job} is not a pipeline job: run it as ./run.sh {cfg.job}")
     except ConfigError as e:
         return _fail(e)
-    dist = Dist.from_env(os.environ)
+    for key, value in settings.library_env.items():  # .env's HF_TOKEN, WANDB_*, ...: where the libraries look
+        os.environ.setdefault(key, value)
+    dist = Dist.from_env(os.environ)  # set per process by the launcher, not settings of ours
     _setup_tracking(cfg)
     if dist.is_main:
         print(f"[config] JOB={cfg.job}\n{describe(cfg)}", flush=True)
@@ -103,9 +99,11 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
             from finetune.train import train
 
             tok, _ = model_lib.load_tokenizer(base, cfg)
-            adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
-                             world_size=dist.world_size, is_main=dist.is_main)
-            record["replay_loss"] = resolve_replay_loss(cfg, backend.device)  # as the plan resolved it
+            replay_loss = resolve_replay_loss(cfg, backend.device)
+            with model_lib.training_switches(backend, replay_loss):
+                adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
+                                 world_size=dist.world_size, is_main=dist.is_main)
+            record["replay_loss"] = replay_loss  # as the plan resolved it
             runlog.artefact("adapters", adapters)
     if not dist.is_main:
         return

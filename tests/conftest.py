@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
+    from finetune.config import RunConfig
     from finetune.embedded import materialize
 
-    return materialize()
+    return materialize(RunConfig().cache_dir)
 
 
 @pytest.fixture(scope="session")

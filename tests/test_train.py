@@ -45,7 +45,10 @@ def adapter_tensors(folder):
 
 
 def test_lora_learns_and_only_lora_weights_change(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file
+
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, num_epochs=3)
+    base_before = load_file(str(tiny_llama_dir / "model.safetensors"))
     out = train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
     curve = losses(paths)
     assert len(curve) == 12 and curve[-1]["loss"] < curve[0]["loss"]
@@ -53,9 +56,10 @@ def test_lora_learns_and_only_lora_weights_change(tmp_path, tiny_llama_dir):
     tensors = adapter_tensors(out)
     assert tensors and all("lora_" in k for k in tensors)
     assert any(float(t.abs().sum()) > 0 for k, t in tensors.items() if "lora_B" in k)  # B starts at zero
-    # the base checkpoint on disk is untouched
-    from safetensors.torch import load_file
-    assert all(torch.isfinite(t).all() for t in load_file(str(tiny_llama_dir / "model.safetensors")).values())
+    # the adapter holds the only trained weights: the base on disk is exactly what it was
+    base_after = load_file(str(tiny_llama_dir / "model.safetensors"))
+    assert base_after.keys() == base_before.keys()
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
     assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
 
 
@@ -169,14 +173,24 @@ def test_non_finite_loss_stops_before_the_optimizer_and_keeps_the_last_checkpoin
 
 def test_eval_loss_during_training_and_early_stopping(tmp_path, tiny_llama_dir):
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, eval_fraction=0.25, eval_steps=2, save_steps=2,
-                                early_stopping_patience=1, num_epochs=6, learning_rate=5e-2)
-    train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+                                early_stopping_patience=1, num_epochs=6, learning_rate=0.2)
+    out = train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
     recs = [json.loads(l) for l in open(paths.metrics)]
     evals = [r for r in recs if "eval_loss" in r]
     assert evals and all(r["step"] % 2 == 0 for r in evals)
     n_train = len([l for l in open(paths.train_file)])
     full = 6 * -(-n_train // 4)
-    assert max(r["step"] for r in recs) <= full
+    last = max(r["step"] for r in recs)
+    assert last < full, "early stopping never fired"
+    # patience 1: it stopped at the first eval that did not improve on the best one
+    losses_ = [r["eval_loss"] for r in evals]
+    assert losses_[-1] >= min(losses_[:-1]) and all(a > b for a, b in zip(losses_[:-2], losses_[1:-1]))
+    # and the adapter it kept is the best checkpoint's, not the last step's
+    best_step = min(evals, key=lambda r: r["eval_loss"])["step"]
+    assert best_step < last
+    best = adapter_tensors(paths.checkpoints / f"checkpoint-{best_step}")
+    final = adapter_tensors(out)
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in best)
 
 
 def test_tensorboard_reporting_writes_event_files(tmp_path, tiny_llama_dir):

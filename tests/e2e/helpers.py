@@ -15,7 +15,9 @@ def env_for(tmp: Path, **overrides) -> dict:
     from finetune.config import RunConfig
     import dataclasses
 
-    ours = {f.name.upper() for f in dataclasses.fields(RunConfig)} | {"RAPA_FAULT", "ENV_FILE", "WANDB_API_KEY", "HF_TOKEN"}
+    # RAPA_CACHE stays: the tests share the user's cache of the converted bundled model and base-model answers.
+    ours = ({f.name.upper() for f in dataclasses.fields(RunConfig)} - {"RAPA_CACHE"}) | {"ENV_FILE",
+                                                                                        "WANDB_API_KEY", "HF_TOKEN"}
     env = {k: v for k, v in os.environ.items() if k not in ours}
     env.update(BASE_SAVE_PATH=str(tmp / "final_model"), CHECKPOINT_PATH=str(tmp / "ckpt"), REPORT_TO="none",
                ENV_FILE=str(tmp / ".env"), PYTHONUNBUFFERED="1")
