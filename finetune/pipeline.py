@@ -124,8 +124,16 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
             from finetune.export import export
 
             runlog.artefact("gguf", export(cfg, paths))
-    print(f"[done] outputs in {paths.run_dir}:  adapter {paths.adapters.name}/  merged {paths.merged.name}/  "
-          f"report {paths.eval_dir / 'report.md'}", flush=True)
+    _print_done(cfg, paths, stages)
+
+
+def _print_done(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:
+    """Name what this job's stages wrote, and nothing they did not."""
+    made = {"prepare": ("data", paths.data_dir), "train": ("adapter", paths.adapters), "merge": ("merged", paths.merged),
+            "evaluate": ("report", paths.eval_dir / "report.md"), "export": ("gguf", paths.gguf)}
+    ran = [s for s in stages if s in made and (s != "export" or cfg.job == "export" or cfg.export_gguf)]
+    outputs = "  ".join(f"{made[s][0]} {made[s][1].relative_to(paths.run_dir)}" for s in ran if made[s][1].exists())
+    print(f"[done] outputs in {paths.run_dir}:  {outputs}", flush=True)
 
 
 def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:

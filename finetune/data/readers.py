@@ -152,10 +152,10 @@ def _read_one(path: Path, label: str, read: list[FileRead]) -> Iterator[RawRow]:
         if path.is_dir():
             rows = _saved_dataset(path, label, info)
         else:
-            info.compression = _compression(path)
+            info.compression, info.reader = _compression(path), _reader_for_name(path.name) or ""
             with _open(path, info.compression) as fh:
                 head = fh.read(1 << 16)
-            info.reader = _reader_for_name(path.name) or _sniff(head)
+            info.reader = info.reader or _sniff(head)
             if info.reader in ("json", "jsonl", "csv", "tsv"):
                 info.encoding = _encoding(head, label)
             rows = {"json": _json, "jsonl": _json, "csv": _csv, "tsv": _csv, "parquet": _parquet, "arrow": _arrow}[
