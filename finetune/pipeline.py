@@ -129,10 +129,10 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
 
 def _print_done(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:
     """Name what this job's stages wrote, and nothing they did not."""
-    made = {"prepare": ("data", paths.data_dir), "train": ("adapter", paths.adapters), "merge": ("merged", paths.merged),
-            "evaluate": ("report", paths.eval_dir / "report.md"), "export": ("gguf", paths.gguf)}
-    ran = [s for s in stages if s in made and (s != "export" or cfg.job == "export" or cfg.export_gguf)]
-    outputs = "  ".join(f"{made[s][0]} {made[s][1].relative_to(paths.run_dir)}" for s in ran if made[s][1].exists())
+    made = {"prepare": paths.data_dir, "train": paths.adapters, "merge": paths.merged,
+            "evaluate": paths.eval_dir / "report.md", "export": paths.gguf}
+    ran = [made[s] for s in stages if s in made and (s != "export" or cfg.job == "export" or cfg.export_gguf)]
+    outputs = "  ".join(f"{p.relative_to(paths.run_dir)}{'/' if p.is_dir() else ''}" for p in ran if p.exists())
     print(f"[done] outputs in {paths.run_dir}:  {outputs}", flush=True)
 
 
