@@ -33,7 +33,7 @@ _MAGIC = ((b"\x1f\x8b", "gzip"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"BZh", "bz2"))
 # UTF-32's little-endian mark starts with UTF-16's: test it first.
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8"),
          (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
-_SAVED_DATASET = ("dataset_info.json", "state.json", "dataset_dict.json")
+_SAVED_DATASET = ("state.json", "dataset_dict.json")  # what save_to_disk writes (dataset_info.json is common elsewhere)
 
 
 @dataclass
@@ -94,8 +94,7 @@ class Source:
                 if name.startswith("."):
                     self.skipped.append({"file": rel, "why": "hidden file"})
                 elif _reader_for_name(name) is None:
-                    self.skipped.append({"file": rel, "why": f"not a data file type we read ({_suffixes(name) or 'no extension'}); "
-                                         f"read are {', '.join(sorted(READERS))}, optionally {', '.join(sorted(COMPRESSED))}"})
+                    self.skipped.append({"file": rel, "why": f"not a data file type we read ({_suffixes(name) or 'no extension'})"})
                 else:
                     self.plan.append((here / name, rel))
         self.plan.sort(key=lambda p: p[1])
@@ -118,7 +117,8 @@ def iter_raw_rows(path: str | Path) -> Iterator[RawRow]:
 
 # ----------------------------------------------------------------------------------------------------
 def _suffixes(name: str) -> str:
-    return "".join(Path(name).suffixes[-2:]).lower()
+    sfx = [x.lower() for x in Path(name).suffixes]
+    return "".join(sfx[-2:] if sfx and sfx[-1] in COMPRESSED else sfx[-1:])
 
 
 def _reader_for_name(name: str) -> str | None:
@@ -164,8 +164,6 @@ def _read_one(path: Path, label: str, read: list[FileRead]) -> Iterator[RawRow]:
             info.rows += 1
             yield row
     except (pa.ArrowException, OSError, EOFError, UnicodeError) as e:
-        if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
-            raise
         how = " ".join(x for x in (info.compression, info.reader) if x)
         raise DataError(f"{label}: cannot be read{' as ' + how if how else ''} after {info.rows} rows: {e}") from None
 
@@ -174,7 +172,7 @@ def _sniff(head: bytes) -> str:
     """The reader for a file whose name does not say (a single DATA_PATH file named .txt, say)."""
     if head.startswith(b"PAR1"):
         return "parquet"
-    if head.startswith(b"ARROW1") or head[4:8] == b"\xff\xff\xff\xff":
+    if head.startswith((b"ARROW1", b"\xff\xff\xff\xff")):  # an Arrow file, or a stream's first message
         return "arrow"
     return "json"
 

@@ -201,13 +201,14 @@ def test_a_folder_reads_every_data_file_and_names_what_it_skips(tmp_path, tok):
     (d / "sub").mkdir()
     (d / "sub" / "more.csv").write_bytes(csv_bytes(ROWS[3:]))
     (d / "README.txt").write_text("my notes")
+    (d / "old.txt.gz").write_bytes(gzip.compress(b"notes"))
     (d / ".DS_Store").write_bytes(b"\0\0")
     stats, paths = run_prepare(tmp_path, tok, d)
     assert stats["rows_in"] == stats["kept"] == 105
     assert [f["file"] for f in stats["files"]] == ["big.jsonl.gz", "small.jsonl", "sub/more.csv"]
     skipped = {s["file"]: s["why"] for s in stats["skipped"]}
-    assert set(skipped) == {"README.txt", ".DS_Store"}
-    assert skipped["README.txt"].startswith("not a data file type we read (.txt)")
+    assert skipped == {"README.txt": "not a data file type we read (.txt)", ".DS_Store": "hidden file",
+                       "old.txt.gz": "not a data file type we read (.txt.gz)"}
     text = summary(stats, paths)
     assert "skipped README.txt: not a data file type" in text and "read sub/more.csv (csv, utf-8): 2 rows" in text
 
@@ -220,9 +221,13 @@ def test_a_folder_with_no_data_file_names_what_it_holds(tmp_path):
 
 def test_a_single_file_with_another_name_is_read_by_its_content(tmp_path):
     (tmp_path / "qa.txt").write_text(jsonl_text(ROWS))
-    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "table.dat")
+    table = pa.Table.from_pylist(ROWS)
+    pq.write_table(table, tmp_path / "table.dat")
+    with pa.ipc.new_stream(str(tmp_path / "cache.bin"), table.schema) as w:
+        w.write_table(table)
     assert len(list(iter_raw_rows(tmp_path / "qa.txt"))) == 5
     assert [r.where for r in iter_raw_rows(tmp_path / "table.dat")][0] == "table.dat row 1"
+    assert [r.raw for r in iter_raw_rows(tmp_path / "cache.bin")] == ROWS
 
 
 # ---- accounting and evidence -----------------------------------------------------------------------------
