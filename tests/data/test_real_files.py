@@ -269,3 +269,12 @@ def test_strict_mode_also_leaves_the_row_that_stopped_it(tmp_path, tok):
         run_prepare(tmp_path, tok, f, data_strict=True)
     rejected = next((tmp_path / "out").rglob("rejected.jsonl"))
     assert [r["line"] for r in read(rejected)] == ["d.jsonl:6"]
+
+
+def test_conversations_in_a_parquet_list_column(tmp_path, tok):
+    convs = [{"messages": [{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]}
+             for r in ROWS]
+    pq.write_table(pa.Table.from_pylist(convs), tmp_path / "chat.parquet")
+    stats, paths = run_prepare(tmp_path, tok, tmp_path / "chat.parquet")
+    assert (stats["format"], stats["kept"]) == ("messages", 5)
+    assert read(paths.train_file)[4]["messages"] == convs[4]["messages"]
