@@ -52,7 +52,7 @@ class RunConfig:
     job: str = _f("train", "train | resume_training | prepare | merge | evaluate | export | test", JOBS)
     base_model_name: str = _f(EMBEDDED_MODEL, "HF model folder or name; the default is the bundled SmolLM2-135M-Instruct")
     data_path: str = _f(DEFAULT_DATA, "JSON, JSONL, CSV, TSV, Parquet or Arrow file (also .gz/.zst/.bz2), a folder of "
-                        "them, or a datasets.save_to_disk folder; a relative path is relative to where you ran run.sh")
+                        "them, or a datasets.save_to_disk folder; relative to where you ran run.sh (in .env: to the repository)")
     base_save_path: str = _f("final_model", "root of the output tree <root>/<model>/<epochs>/")
     checkpoint_path: str = _f("", "checkpoint folder; default checkpoints/<model>/<epochs>/<qlora|lora>")
     overwrite: bool = _f(False, "JOB=train over existing checkpoints/outputs starts over instead of refusing")
