@@ -75,7 +75,7 @@ class RunConfig:
     data_format: str = _f("auto", "auto | " + " | ".join(DATA_FORMATS[1:]), DATA_FORMATS)
     data_columns: str = _f("", "question=COL,answer=COL[,context=COL]: your column names (default: found by common names "
                            "such as question/answer, prompt/response, prompt/completion, query/response)")
-    qa_with_context: bool = _f(False, "KorQuAD/SQuAD: put the paragraph into the prompt")
+    qa_with_context: bool = _f(False, "put the paragraph (KorQuAD/SQuAD) or the context/passage column (qa) into the prompt")
     train_on_inputs: bool = _f(False, "also compute the loss on prompt/user tokens")
     max_seq_length: int = _f(1024, "longest tokenised row")
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))
