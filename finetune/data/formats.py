@@ -14,9 +14,10 @@ from typing import Any
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
-# (question column, answer column) pairs in the order they are tried; instruction/output is alpaca and
-# input/output is seed 003's input_output, both with their own rules.
-QA_COLUMNS = (("question", "answer"), ("prompt", "response"), ("prompt", "completion"), ("query", "response"))
+# (question column, answer column) pairs in the order they are tried. instruction/output rows are alpaca, and
+# auto-detection calls input/output rows seed 003's input_output first; DATA_FORMAT=qa reads them here too.
+QA_COLUMNS = (("question", "answer"), ("prompt", "response"), ("prompt", "completion"), ("query", "response"),
+              ("input", "output"))
 CONTEXT_COLUMNS = ("context", "passage")
 
 

@@ -152,7 +152,8 @@ def _is_eval(key: bytes, cfg: RunConfig) -> bool:
 
 
 def _check_mixed_formats(formats: Counter, first_at: dict[str, list[str]]) -> None:
-    if len(formats) > 1:
+    # input/output rows are one question and one answer, as qa rows are: files of both may share a folder.
+    if len(formats) > 1 and set(formats) != {"input_output", "qa"}:
         major = formats.most_common(1)[0][0]
         others = "; ".join(f"{k} at {', '.join(first_at[k])}" for k in formats if k != major)
         raise DataError(f"DATA_PATH mixes formats: mostly {major}, but {others}. Split the file or set DATA_FORMAT")

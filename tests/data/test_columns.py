@@ -103,3 +103,17 @@ def test_a_relative_data_path_is_relative_to_the_callers_folder(tmp_path):
     (tmp_path / ".env").write_text("DATA_PATH=data/qa.jsonl\n")  # a .env value stays where the .env is read
     assert RunConfig.from_env({"RAPA_CALLER_DIR": "/elsewhere"}, tmp_path / ".env").data_path == "data/qa.jsonl"
     assert RunConfig.from_env({"RAPA_CALLER_DIR": "/elsewhere"}, None).data_path == "data/sample/korquad_sample.json"
+
+
+def test_input_output_and_qa_files_may_share_a_folder_but_other_formats_may_not(tmp_path, tok):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"input": f"q{i}?", "output": f"a{i}"}) + "\n" for i in range(3)))
+    (d / "b.csv").write_text("question,answer\nWho?,Me\n")
+    cfg = RunConfig(data_path=str(d), base_save_path=str(tmp_path / "out"))
+    assert prepare(cfg, RunPaths.from_config(cfg), tok)["kept"] == 4
+    qa = RunConfig(data_path=str(d), base_save_path=str(tmp_path / "out"), data_format="qa")
+    assert prepare(qa, RunPaths.from_config(qa), tok)["kept"] == 4
+    (d / "c.jsonl").write_text(json.dumps({"text": "plain text"}) + "\n")
+    with pytest.raises(Exception, match="mixes formats: mostly input_output, but qa at b.csv:2; text at c.jsonl:1"):
+        prepare(cfg, RunPaths.from_config(cfg), tok)
