@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from finetune.data.readers import RawRow, iter_raw_rows  # noqa: F401  (callers that read and normalise import both here)
+
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
