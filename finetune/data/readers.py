@@ -204,9 +204,13 @@ def _preview(value: Any) -> str:
 def _json(path: Path, label: str, info: FileRead) -> Iterator[RawRow]:
     codec = _codec(info)
     with io.TextIOWrapper(_open(path, info.compression), encoding=codec, errors="replace") as text_fh:
-        first_line = text_fh.readline()
-    start = first_line.lstrip()[:1]
-    if start == "[" or (start == "{" and not _is_row(first_line)):
+        start = text_fh.read(4096).lstrip()[:1]
+    if start == "{":  # JSONL, or a KorQuAD document: the first line says (a one-line array need not be read twice)
+        with io.TextIOWrapper(_open(path, info.compression), encoding=codec, errors="replace") as text_fh:
+            is_document = not _is_row(text_fh.readline())
+    else:
+        is_document = start == "["
+    if is_document:
         info.reader = "json"
         yield from _json_document(path, label, info, codec)
         return
