@@ -11,6 +11,7 @@ set -Eeuo pipefail
 
 # ---- defaults (the Python config holds the rest; see ./run.sh --help) --------------------------------------
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export RAPA_CALLER_DIR="$PWD"          # run.sh works in $HERE; a relative DATA_PATH means the caller's folder
 VENV="${VENV:-$HERE/.venv}"
 PYTHON="${PYTHON:-python3}"
 RAPA_NO_VENV="${RAPA_NO_VENV:-}"       # 1: use $PYTHON as it is (a provisioned image or GPU machine); never install

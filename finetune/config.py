@@ -25,7 +25,8 @@ from finetune.jobs import JOBS as _JOB_TABLE
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_DATA = "data/sample/korquad_sample.json"
 JOBS = tuple(_JOB_TABLE)
-DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messages", "text")
+DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messages", "qa", "text")
+DATA_COLUMN_ROLES = ("question", "answer", "context")
 GGUF_FORMATS = ("f16", "bf16", "q8_0", "q4_k_m")
 DEFAULT_GGUF = "f16,q8_0"  # what JOB=export writes when EXPORT_GGUF is empty
 
@@ -34,7 +35,7 @@ DEFAULT_GGUF = "f16,q8_0"  # what JOB=export writes when EXPORT_GGUF is empty
 PASSTHROUGH = {
     "WANDB_API_KEY", "WANDB_ENTITY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_BASE_URL", "HF_TOKEN",
     "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
-    "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "RAPA_CALLER_DIR",
 }
 # run.sh's launcher settings: honoured from the environment or `.env` through `--launch-plan`; not RunConfig fields
 # because they choose how processes start, not what a run computes. name -> (default, help)
@@ -86,7 +87,8 @@ class RunConfig:
     # --- what to run
     job: str = _f("train", " | ".join(JOBS) + " (./run.sh --help says what each does)", JOBS)
     base_model_name: str = _f(EMBEDDED_MODEL, "HF model folder or name; the default is the bundled SmolLM2-135M-Instruct")
-    data_path: str = _f(DEFAULT_DATA, "JSON / JSONL file, folder of them, or datasets.save_to_disk folder")
+    data_path: str = _f(DEFAULT_DATA, "JSON, JSONL, CSV, TSV, Parquet or Arrow file (also .gz/.zst/.bz2), a folder of "
+                        "them, or a datasets.save_to_disk folder; relative to where you ran run.sh (in .env: to the repository)")
     base_save_path: str = _f("final_model", "root of the output tree <root>/<model>/<epochs>/")
     checkpoint_path: str = _f("", "checkpoint folder; default checkpoints/<model>/<epochs>/<qlora|lora>")
     rapa_cache: str = _f("", "cache folder (the converted bundled model, base-model replay and eval answers); "
@@ -109,7 +111,9 @@ class RunConfig:
     chat_template: str = _f("auto", "auto (the tokenizer's own) | chatml | alpaca | llama-3")
     # --- data
     data_format: str = _f("auto", "auto | " + " | ".join(DATA_FORMATS[1:]), DATA_FORMATS)
-    qa_with_context: bool = _f(False, "KorQuAD/SQuAD: put the paragraph into the prompt")
+    data_columns: str = _f("", "question=COL,answer=COL[,context=COL]: your column names (default: found by common names "
+                           "such as question/answer, prompt/response, prompt/completion, query/response)")
+    qa_with_context: bool = _f(False, "put the paragraph (KorQuAD/SQuAD) or the context/passage column (qa) into the prompt")
     train_on_inputs: bool = _f(False, "also compute the loss on prompt/user tokens")
     max_seq_length: int = _f(1024, "longest tokenised row")
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))
@@ -193,6 +197,13 @@ class RunConfig:
         return 1e-4 if self.use_qlora else 5e-6
 
     @property
+    def columns(self) -> dict[str, str] | None:
+        """DATA_COLUMNS as {"question": column, "answer": column[, "context": column]}; None when unset."""
+        if not self.data_columns.strip():
+            return None
+        return dict((k.strip(), v.strip()) for k, _, v in (item.partition("=") for item in self.data_columns.split(",")))
+
+    @property
     def epochs_label(self) -> str:
         return f"{self.num_epochs:g}"
 
@@ -203,7 +214,7 @@ class RunConfig:
     def fingerprint_fields(self) -> dict:
         """The fields a resume must not change (it would train a different thing)."""
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
-                "grad_accum", "data_format", "qa_with_context", "train_on_inputs", "chat_template", "packing",
+                "grad_accum", "data_format", "data_columns", "qa_with_context", "train_on_inputs", "chat_template", "packing",
                 "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout")
         return {k: getattr(self, k) for k in keys}
 
@@ -262,8 +273,28 @@ class RunConfig:
         bad = [fmt for fmt in gguf_list(self.export_gguf).split(",") if fmt and fmt not in GGUF_FORMATS]
         need(not bad, f"EXPORT_GGUF={self.export_gguf!r}: unknown format(s) {', '.join(bad)}; allowed are "
              f"{', '.join(GGUF_FORMATS)} (q4_k_m needs llama-cpp-python)")
+        p.extend(self._data_columns_problems())
         need(self.chat_template in ("auto", "chatml", "alpaca", "llama-3"),
              f"CHAT_TEMPLATE={self.chat_template!r}: allowed are auto, chatml, alpaca, llama-3")
+        return p
+
+
+    def _data_columns_problems(self) -> list[str]:
+        if not self.data_columns.strip():
+            return []
+        name = f"DATA_COLUMNS={self.data_columns!r}"
+        items = [item.partition("=") for item in self.data_columns.split(",")]
+        if any(not sep or not k.strip() or not v.strip() for k, sep, v in items):
+            return [f"{name}: expected question=COLUMN,answer=COLUMN[,context=COLUMN]"]
+        keys = [k.strip() for k, _, _ in items]
+        p = [f"{name}: unknown role {k!r} (allowed: {', '.join(DATA_COLUMN_ROLES)})" for k in keys if k not in DATA_COLUMN_ROLES]
+        p += [f"{name}: {k} is given twice" for k in DATA_COLUMN_ROLES if keys.count(k) > 1]
+        p += [f"{name}: {k}=COLUMN is missing" for k in ("question", "answer") if k not in keys]
+        if self.data_format not in ("auto", "qa"):
+            p.append(f"{name} maps question/answer columns: it needs DATA_FORMAT=auto or qa, not {self.data_format}")
+        if "context" in keys and not self.qa_with_context:
+            p.append(f"{name} maps a context column, which only QA_WITH_CONTEXT=true puts into the prompt: set it, "
+                     "or drop context=")
         return p
 
 
@@ -307,6 +338,10 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike |
         if _misspells_ours(key, names):
             problems.append(_unknown(key, names, "in the environment"))
 
+    # run.sh works in the repository; a DATA_PATH given on the command line means the caller's folder.
+    caller = environ.get("RAPA_CALLER_DIR", "")
+    if caller and environ.get("DATA_PATH", ""):
+        merged["DATA_PATH"] = str(Path(caller) / Path(environ["DATA_PATH"]).expanduser())  # an absolute path stays
     user_set = {k for k in names if merged.get(k, "") != ""}
     embedded = "BASE_MODEL_NAME" not in user_set
     demo = embedded and "DATA_PATH" not in user_set

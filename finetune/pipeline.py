@@ -123,8 +123,16 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
             from finetune.export import export
 
             runlog.artefact("gguf", export(cfg, paths))
-    print(f"[done] outputs in {paths.run_dir}:  adapter {paths.adapters.name}/  merged {paths.merged.name}/  "
-          f"report {paths.eval_dir / 'report.md'}", flush=True)
+    _print_done(cfg, paths, stages)
+
+
+def _print_done(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:
+    """Name what this job's stages wrote, and nothing they did not."""
+    made = {"prepare": paths.data_dir, "train": paths.adapters, "merge": paths.merged,
+            "evaluate": paths.eval_dir / "report.md", "export": paths.gguf}
+    ran = [made[s] for s in stages if s in made and (s != "export" or cfg.job == "export" or cfg.export_gguf)]
+    outputs = "  ".join(f"{p.relative_to(paths.run_dir)}{'/' if p.is_dir() else ''}" for p in ran if p.exists())
+    print(f"[done] outputs in {paths.run_dir}:  {outputs}", flush=True)
 
 
 def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:

@@ -44,7 +44,7 @@ def clean_env(monkeypatch, tmp_path):
 
     for f in dataclasses.fields(RunConfig):
         monkeypatch.delenv(f.name.upper(), raising=False)
-    for k in ("WANDB_API_KEY", "HF_TOKEN", "ENV_FILE"):
+    for k in ("WANDB_API_KEY", "HF_TOKEN", "ENV_FILE", "RAPA_CALLER_DIR"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.chdir(tmp_path)
     return monkeypatch
