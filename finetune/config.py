@@ -59,6 +59,11 @@ class RunConfig:
     # (docs/QUALITY.md): QLoRA buys it nothing and loses knowledge, so it trains with plain LoRA unless told.
     use_qlora: bool = _f(True, "load the base in NF4 4-bit with double quantisation (QLoRA); the bundled "
                          "SmolLM2 trains with plain LoRA unless this is set", embedded=False)
+    base_precision: str = _f("auto", "auto | nf4 | bf16 | fp8: how the frozen base is stored and multiplied. nf4 is QLoRA, "
+                             "bf16 plain LoRA; fp8 stores it in e4m3 with row-wise scales and runs its GEMMs on FP8 "
+                             "tensor cores (compute capability 8.9+, e.g. H100/H200/L4; elsewhere it falls back to bf16 "
+                             "and says so). auto follows USE_QLORA; nf4/bf16/fp8 set USE_QLORA to match",
+                             ("auto", "nf4", "bf16", "fp8"))
     backend: str = _f("auto", "auto | unsloth | hf (auto: unsloth on a CUDA GPU when it imports)", ("auto", "unsloth", "hf"))
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
@@ -160,7 +165,10 @@ class RunConfig:
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
                 "grad_accum", "data_format", "qa_with_context", "train_on_inputs", "chat_template", "packing",
                 "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.base_precision != "auto":  # absent under auto, so checkpoints from before it resume unchanged
+            out["base_precision"] = self.base_precision
+        return out
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -196,6 +204,14 @@ class RunConfig:
                 values[f.name] = _coerce(raw, f)
             except ValueError as e:
                 problems.append(f"{name}={raw!r}: {e}")
+        # BASE_PRECISION names the base's storage; USE_QLORA (the seed's switch) follows it unless set against it.
+        bp = values.get("base_precision", "auto")
+        if bp != "auto":
+            want = bp == "nf4"
+            if "USE_QLORA" in user_set and values.get("use_qlora", want) != want:
+                problems.append(f"BASE_PRECISION={bp} contradicts USE_QLORA={merged['USE_QLORA']}: unset one "
+                                f"(BASE_PRECISION=nf4 is QLoRA; bf16 and fp8 are not)")
+            values["use_qlora"] = want
         # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
         # so one error lists every problem.
         cfg = cls(**values)

@@ -235,6 +235,8 @@ class LoRAW(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------------------------------------
 def _plain_weight(W, W_quant) -> bool:
+    if W is not None and W.dtype == torch.float8_e4m3fn:  # BASE_PRECISION=fp8: finetune/fp8.py's FP8 weights only
+        return getattr(W, "_rapa_fp8", None) is not None
     if W_quant is None:
         return type(W) in (torch.Tensor, torch.nn.Parameter) and W.dim() == 2 and W.dtype in _FP_DTYPES
     return type(W_quant).__name__ == "QuantState"  # bitsandbytes 4-bit: what fast_dequantize expands
@@ -249,15 +251,19 @@ def _eligible(X, weights, tail) -> bool:
     return all(_plain_weight(W, Wq) for W, Wq in weights)
 
 
-def _route(cls, ours, eligible, fwd_deco, bwd_deco) -> None:
+def _route(cls, ours, eligible, fwd_deco, bwd_deco, ours_fp8=None) -> None:
     orig_fwd, orig_bwd = cls.forward, cls.backward
 
     def forward(ctx, *args):
         ctx._rapa_fast = eligible(args)
-        return (ours.forward if ctx._rapa_fast else orig_fwd)(ctx, *args)
+        # An FP8 base (args[1] is the first projection's weight) takes finetune/fp8.py's Functions.
+        ctx._rapa_impl = (ours_fp8 if ours_fp8 is not None and args[1].dtype == torch.float8_e4m3fn else ours) \
+            if ctx._rapa_fast else None
+        return (ctx._rapa_impl.forward if ctx._rapa_fast else orig_fwd)(ctx, *args)
 
     def backward(ctx, *grads):
-        return (ours.backward if getattr(ctx, "_rapa_fast", False) else orig_bwd)(ctx, *grads)
+        impl = getattr(ctx, "_rapa_impl", None)
+        return (impl.backward if impl is not None else orig_bwd)(ctx, *grads)
 
     forward._rapa_original = (orig_fwd, orig_bwd)
     cls.forward, cls.backward = staticmethod(fwd_deco(forward)), staticmethod(bwd_deco(backward))
@@ -274,6 +280,8 @@ def install() -> bool:
     """Route Unsloth's fused LoRA Functions through the kernels above (idempotent). Needs unsloth imported."""
     import unsloth.kernels.fast_lora as fl  # pragma: no cover - GPU
 
+    from finetune import fp8
+
     if installed():
         return True
     _hooks["dequant"] = lambda W, Wq, dtype, buf=False: (
@@ -283,10 +291,10 @@ def install() -> bool:
     fwd, bwd = fl.torch_amp_custom_fwd, fl.torch_amp_custom_bwd
     # Argument positions: (X, W, W_quant, A, B, S) per projection, then the optional dropout / biases.
     _route(fl.LoRA_QKV, LoRAQKV, lambda a: _eligible(a[0], [(a[1], a[2]), (a[6], a[7]), (a[11], a[12])], a[17:]),
-           fwd, bwd)
+           fwd, bwd, fp8.FP8LoRAQKV)
     _route(fl.LoRA_MLP, LoRAMLP, lambda a: _eligible(a[0], [(a[1], a[2]), (a[6], a[7]), (a[11], a[12])], a[19:]),
-           fwd, bwd)
-    _route(fl.LoRA_W, LoRAW, lambda a: _eligible(a[0], [(a[1], a[2])], a[6:]), fwd, bwd)
+           fwd, bwd, fp8.FP8LoRAMLP)
+    _route(fl.LoRA_W, LoRAW, lambda a: _eligible(a[0], [(a[1], a[2])], a[6:]), fwd, bwd, fp8.FP8LoRAW)
     return True
 
 

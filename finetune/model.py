@@ -141,6 +141,33 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckp
     grad_ckpt: off | on | offload | stream | partial (keep_layers decoder layers keep their activations; Unsloth only).
     lora_kernels: fast | unsloth, the plan's choice (Unsloth backend only).
     """
+    # --- BASE_PRECISION=fp8 (issue 21): the base loads in bf16, then its LoRA-wrapped projections become FP8.
+    precision, why = base_precision(cfg, backend)
+    if precision == "fp8":
+        lora_kernels = "fast"  # the FP8 GEMMs live in fast_lora's routed Functions (finetune/fp8.py)
+    model = _load_peft(cfg, base, tok, backend, grad_ckpt, keep_layers, lora_kernels)
+    if precision == "fp8":
+        from finetune import fp8
+
+        n = fp8.quantize_lora_bases(model)
+        print(f"[model] FP8 base: {n['layers']} projections quantised to e4m3 (row scales), "
+              f"{n['bf16_bytes'] / 2**30:.2f} GiB bf16 -> {n['fp8_bytes'] / 2**30:.2f} GiB (weights + K-major copies)",
+              flush=True)
+    elif cfg.base_precision == "fp8":
+        print(f"[model] {why}", flush=True)
+    return model
+    # --- end BASE_PRECISION=fp8
+
+
+def base_precision(cfg: RunConfig, backend: Backend) -> tuple[str, str]:
+    """(nf4 | bf16 | fp8, why) for this run: BASE_PRECISION=fp8 falls back to bf16 where FP8 GEMMs cannot run."""
+    from finetune import fp8
+
+    return fp8.resolve(cfg.base_precision, cfg.use_qlora, backend.device)
+
+
+def _load_peft(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int,
+               lora_kernels: str):
     if backend.name == "unsloth":
         return _load_unsloth(cfg, base, tok, grad_ckpt, keep_layers, lora_kernels)
     import torch

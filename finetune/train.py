@@ -217,10 +217,11 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     trainable, total = _count_params(model)
     if is_main:
         _check_disk(cfg, paths, trainable, log)
-    log(banner(cfg, p, trainable, total, paths))
+    speed = speed_meter(cfg, backend, model, [len(x) for x in train_ds["input_ids"]], p.world_size)
+    log(banner(cfg, p, trainable, total, paths) + "\n" + speed.describe())
 
     trainer = _build_trainer(cfg, paths, model, tok, p, train_ds,
-                             to_dataset(eval_rows, tok, cfg) if eval_rows else None, faults, log)
+                             to_dataset(eval_rows, tok, cfg) if eval_rows else None, faults, log, speed=speed)
     stop = _SignalFlag()
     with stop.installed():
         try:
@@ -307,7 +308,42 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
     ])
 
 
-def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faults: Faults, log):
+@dataclass
+class SpeedMeter:
+    """Tokens/s and model-FLOPs utilisation for the banner and metrics.jsonl (finetune/mfu.py has the formula)."""
+
+    precision: str                 # nf4 | bf16 | fp8: the base's GEMM precision
+    why: str
+    flops_per_token: float
+    peak_tflops: float | None      # the whole run's: per GPU x processes
+    device: str
+
+    def describe(self) -> str:
+        peak = f"{self.peak_tflops:,.0f} TFLOP/s dense {'FP8' if self.precision == 'fp8' else 'bf16'} peak" \
+            if self.peak_tflops else f"no peak known for {self.device}: MFU not reported"
+        return (f"[train] base weights {self.precision} ({self.why}); {self.flops_per_token / 1e9:.2f} GFLOP per token "
+                f"(4 x frozen + 6 x trainable + causal attention); {peak}; tokens/s and MFU go to metrics.jsonl")
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        from finetune import mfu
+
+        return mfu.mfu(tokens_per_s, self.flops_per_token, self.peak_tflops)
+
+
+def speed_meter(cfg: RunConfig, backend: model_lib.Backend, model, lengths: list[int], world_size: int = 1) -> SpeedMeter:
+    import torch
+
+    from finetune import mfu
+
+    precision, why = model_lib.base_precision(cfg, backend)
+    span = mfu.attention_span([min(n, cfg.max_seq_length) for n in lengths]) if lengths else cfg.max_seq_length
+    device = torch.cuda.get_device_name(0) if backend.device == "cuda" else "CPU"
+    peak = mfu.peak_tflops(device, precision) if backend.device == "cuda" else None
+    return SpeedMeter(precision, why, mfu.model_flops_per_token(model, span), peak and peak * world_size, device)
+
+
+def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faults: Faults, log,
+                   speed: SpeedMeter | None = None):
     import torch
     from trl import SFTConfig, SFTTrainer
     from transformers import EarlyStoppingCallback
@@ -357,7 +393,7 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
     # One process: no host-GPU sync inside a step (_GuardedSFTTrainer). Several: trl's own loss path, whose token
     # count is gathered across the processes.
     no_sync = p.world_size == 1
-    callbacks = [_MetricsCallback(paths.metrics), _FaultCallback(faults), _SealCallback(cfg, paths, p, log), _SignalCallback()]
+    callbacks = [_MetricsCallback(paths.metrics, speed, log), _FaultCallback(faults), _SealCallback(cfg, paths, p, log), _SignalCallback()]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = _GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -541,8 +577,31 @@ class _GuardedSFTTrainer(SFTTrainer):
 
 
 class _MetricsCallback(TrainerCallback):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, speed: SpeedMeter | None = None, log=print):
         self.path = Path(path)
+        self.speed, self.log = speed, log
+        self.last = self.first = None  # (time, tokens) at the previous log and at the first one
+
+    def _throughput(self, logs: dict) -> dict:
+        """tokens/s since the previous log line (tokens as trl counts them: non-pad) and the MFU it means."""
+        tokens, now = logs.get("num_tokens"), time.time()
+        if tokens is None:
+            return {}
+        prev, self.last = self.last, (now, float(tokens))
+        self.first = self.first or self.last
+        if prev is None or now <= prev[0] or tokens <= prev[1]:
+            return {}
+        tps = (tokens - prev[1]) / (now - prev[0])
+        out = {"tokens_per_s": round(tps, 1)}
+        m = self.speed.mfu(tps) if self.speed else None
+        return {**out, "mfu": round(m, 4)} if m is not None else out
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.first and self.last and self.last[0] > self.first[0] and state.is_world_process_zero:
+            tps = (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+            m = self.speed.mfu(tps) if self.speed else None
+            self.log(f"[train] {tps:,.0f} tokens/s after the first logged step"
+                     + (f", MFU {m:.1%} of the {self.speed.peak_tflops:,.0f} TFLOP/s peak" if m is not None else ""))
 
     def on_train_begin(self, args, state, control, **kw):
         # A resumed run drops the lines past the checkpoint it resumes from, so the curve has no duplicates.
@@ -555,7 +614,8 @@ class _MetricsCallback(TrainerCallback):
             return
         rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
         if "loss" in logs:
-            rec.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
+            rec.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       **self._throughput(logs))
         elif "eval_loss" in logs:
             rec.update(eval_loss=logs["eval_loss"])
         else:
