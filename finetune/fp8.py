@@ -80,27 +80,23 @@ def quantize_rows_reference(x: torch.Tensor, col_scale: torch.Tensor | None = No
     return (xf / s).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), s
 
 
-_kernel = None
-
-
-def _triton_kernel():
-    """The quantisation kernel, built on first use (Triton is imported only on a GPU)."""
-    global _kernel
-    if _kernel is not None:
-        return _kernel
+try:  # Triton is there wherever a CUDA build of PyTorch is; the CPU path below never needs it
     import triton
     import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
 
+if triton is not None:
     @triton.jit
-    def _seg_amax(X, sx, n, C, coff, row, amax, HAS_C: tl.constexpr, BLOCK: tl.constexpr):
+    def _seg_amax(X, sx, n, C, coff, row, acc, HAS_C: tl.constexpr, BLOCK: tl.constexpr):
         for off in range(0, n, BLOCK):
             cols = off + tl.arange(0, BLOCK)
             m = cols < n
             x = tl.load(X + row * sx + cols, mask=m, other=0.0).to(tl.float32)
             if HAS_C:
                 x = x * tl.load(C + coff + cols, mask=m, other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=0))
-        return amax
+            acc = tl.maximum(acc, tl.abs(x))
+        return acc
 
     @triton.jit
     def _seg_store(X, sx, n, C, coff, Q, sq, row, inv, HAS_C: tl.constexpr, BLOCK: tl.constexpr):
@@ -110,36 +106,36 @@ def _triton_kernel():
             x = tl.load(X + row * sx + cols, mask=m, other=0.0).to(tl.float32)
             if HAS_C:
                 x = x * tl.load(C + coff + cols, mask=m, other=0.0)
-            y = tl.clamp(x * inv, -448.0, 448.0)
+            y = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
             tl.store(Q + row * sq + coff + cols, y.to(tl.float8e4nv), mask=m)
 
     @triton.jit
-    def quant_rows(X0, X1, X2, s0, s1, s2, n0, n1, n2, C, Q, sq, S, M,
+    def quant_rows(X0, X1, X2, s0, s1, s2, n0, n1, n2, ntot, C, Q, sq, S, M,
                    NSEG: tl.constexpr, HAS_C: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         if row >= M:  # padding rows of Q: zeros, scale 1
-            for off in range(0, n0 + n1 + n2, BLOCK):
+            for off in range(0, ntot, BLOCK):
                 cols = off + tl.arange(0, BLOCK)
-                tl.store(Q + row * sq + cols, tl.zeros([BLOCK], tl.float32).to(tl.float8e4nv),
-                         mask=cols < n0 + n1 + n2)
+                tl.store(Q + row * sq + cols, tl.zeros([BLOCK], tl.float32).to(tl.float8e4nv), mask=cols < ntot)
             tl.store(S + row, 1.0)
-            return
-        if ONE_PASS:  # the whole row in registers: read once
+        elif ONE_PASS:  # the whole row in registers: read once
             cols = tl.arange(0, BLOCK)
             m = cols < n0
             x = tl.load(X0 + row * s0 + cols, mask=m, other=0.0).to(tl.float32)
             if HAS_C:
                 x = x * tl.load(C + cols, mask=m, other=0.0)
             amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-            tl.store(Q + row * sq + cols, tl.clamp(x * (448.0 / amax), -448.0, 448.0).to(tl.float8e4nv), mask=m)
+            y = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
+            tl.store(Q + row * sq + cols, y.to(tl.float8e4nv), mask=m)
             tl.store(S + row, amax / 448.0)
         else:  # several segments or long rows: the max first, then the cast (the second read mostly hits L2)
-            amax = _seg_amax(X0, s0, n0, C, 0, row, 0.0, HAS_C, BLOCK)
+            acc = tl.zeros([BLOCK], tl.float32)
+            acc = _seg_amax(X0, s0, n0, C, 0, row, acc, HAS_C, BLOCK)
             if NSEG > 1:
-                amax = _seg_amax(X1, s1, n1, C, n0, row, amax, HAS_C, BLOCK)
+                acc = _seg_amax(X1, s1, n1, C, n0, row, acc, HAS_C, BLOCK)
             if NSEG > 2:
-                amax = _seg_amax(X2, s2, n2, C, n0 + n1, row, amax, HAS_C, BLOCK)
-            amax = tl.maximum(amax, 1e-12)
+                acc = _seg_amax(X2, s2, n2, C, n0 + n1, row, acc, HAS_C, BLOCK)
+            amax = tl.maximum(tl.max(acc, axis=0), 1e-12)
             inv = 448.0 / amax
             _seg_store(X0, s0, n0, C, 0, Q, sq, row, inv, HAS_C, BLOCK)
             if NSEG > 1:
@@ -148,8 +144,12 @@ def _triton_kernel():
                 _seg_store(X2, s2, n2, C, n0 + n1, Q, sq, row, inv, HAS_C, BLOCK)
             tl.store(S + row, amax / 448.0)
 
-    _kernel = quant_rows
-    return _kernel
+
+
+def _triton_kernel():
+    if triton is None:
+        raise RuntimeError("the FP8 activation quantiser needs Triton")
+    return quant_rows
 
 
 def _pad16(m: int) -> int:
@@ -181,7 +181,7 @@ def quantize_rows(segments: list[torch.Tensor], col_scale: torch.Tensor | None =
     one = len(segments) == 1 and n <= 16384
     block = max(1024, 1 << (n - 1).bit_length()) if one else 2048
     _triton_kernel()[(mp,)](segs[0], segs[1], segs[2], segs[0].stride(0), segs[1].stride(0), segs[2].stride(0),
-                            widths[0], widths[1], widths[2], col_scale if col_scale is not None else sx, q, q.stride(0),
+                            widths[0], widths[1], widths[2], n, col_scale if col_scale is not None else sx, q, q.stride(0),
                             sx, m, NSEG=len(segments), HAS_C=col_scale is not None, ONE_PASS=one, BLOCK=block,
                             num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
     return q, sx
