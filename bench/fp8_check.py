@@ -74,7 +74,7 @@ def check_linear(res: dict) -> None:
         dx_exact = (gq.float() * sg) @ lin.weight.float()
         y_bf = x.detach().reshape(-1, k) @ w.t()
         dx_bf = g.reshape(-1, n) @ w
-        out[name] = {"fwd_vs_exact": rel(y.reshape(-1, n), y_exact), "dx_vs_exact": rel(x.grad.reshape(-1, k), dx_exact),
+        out[name] = {"fast_accum_dx": True, "fwd_vs_exact": rel(y.reshape(-1, n), y_exact), "dx_vs_exact": rel(x.grad.reshape(-1, k), dx_exact),
                      "fwd_vs_bf16": rel(y.reshape(-1, n), y_bf), "dx_vs_bf16": rel(x.grad.reshape(-1, k), dx_bf)}
     res["linear"] = out
 

@@ -233,7 +233,9 @@ def base_dX(dYs: list[torch.Tensor], Ws: list) -> torch.Tensor:
     else:
         wt, cs = first.t, first.scale
     dq, sd = quantize_rows(dYs, cs)
-    return scaled_mm(dq, sd, wt, first.ones_in, m, fast_accum=False, dtype=dYs[0].dtype)
+    # Hopper's fast accumulation: 6-16% faster dX GEMMs on the 8B shapes (bench/fp8_check.py); its error (~3e-3
+    # relative, mostly the bf16 output's rounding) is a tenth of the quantisation's own (~3e-2).
+    return scaled_mm(dq, sd, wt, first.ones_in, m, fast_accum=True, dtype=dYs[0].dtype)
 
 
 class _FP8Linear(torch.autograd.Function):

@@ -199,6 +199,12 @@ def test_an_fp8_run_on_the_cpu_trains_on_bf16_and_logs_tokens_per_second(tmp_pat
     curve = losses(paths)
     assert "tokens_per_s" not in curve[0] and all(r["tokens_per_s"] > 0 for r in curve[1:])
     assert "mfu" not in curve[-1]  # no peak is known for a CPU
+    # the merge reports the FP8 gap beside the parity gate, as it reports the QLoRA gap
+    from finetune.merge import merge
+
+    merged = merge(cfg, paths, str(tiny_llama_dir), "cpu", log=lambda *a, **k: None)
+    parity = json.loads((merged / "merge_parity.json").read_text())
+    assert parity["qlora_gap"] is None and 0 < parity["fp8_gap"] < 1
 
 
 # ------------------------------------------------------------------ MFU
