@@ -186,6 +186,27 @@ def bench_shapes(res: dict) -> None:
         tot["bf16"] += t["fwd_bf16"] + t["dx_bf16"]
         tot["fp8"] += t["fwd_fp8_total"] + t["dx_fp8_total"]
     res["shapes_16k"] = rows
+    # the grouped dX quantisation (q/k/v: 3 segments, gate/up: 2), one pass (registers) against two (max, then cast)
+    qab = {}
+    for widths in ([H, KV, KV], [I, I]):
+        segs = [torch.randn(TOK, w, device="cuda", dtype=torch.bfloat16) for w in widths]
+        cs = torch.rand(sum(widths), device="cuda") + 0.5
+        n = sum(widths)
+        q = torch.empty((TOK, n), dtype=fp8.E4M3, device="cuda")
+        sx = torch.empty((TOK, 1), dtype=torch.float32, device="cuda")
+        S3 = segs + [segs[0]] * (3 - len(segs))
+        W3 = widths + [0] * (3 - len(widths))
+
+        def two_pass():
+            fp8._triton_kernel()[(TOK,)](S3[0], S3[1], S3[2], S3[0].stride(0), S3[1].stride(0), S3[2].stride(0), W3[0],
+                                         W3[1], W3[2], n, cs, q, q.stride(0), sx, TOK, NSEG=len(segs), HAS_C=True,
+                                         ONE_PASS=False, BLOCK=2048, B0=16, B1=16, B2=16, num_warps=8)
+        key = "+".join(map(str, widths))
+        qab[key] = {"one_pass_ms": triton.testing.do_bench(lambda: fp8.quantize_rows(segs, cs), warmup=25, rep=200,
+                                                           return_mode="median"),
+                    "two_pass_ms": triton.testing.do_bench(two_pass, warmup=25, rep=200, return_mode="median"),
+                    "bytes_min_gb": TOK * n * 3 / 1e9}
+    res["grouped_quant_16k"] = qab
     res["layer_projection_ms"] = {k: round(v, 3) for k, v in tot.items()}
     # bandwidth and matrix-rate ceilings of this card
     a = torch.empty(2**30, dtype=torch.uint8, device="cuda")

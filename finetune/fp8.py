@@ -110,25 +110,48 @@ if triton is not None:
             tl.store(Q + row * sq + coff + cols, y.to(tl.float8e4nv), mask=m)
 
     @triton.jit
+    def _seg_load(X, sx, n, C, coff, row, HAS_C: tl.constexpr, B: tl.constexpr):
+        cols = tl.arange(0, B)
+        m = cols < n
+        x = tl.load(X + row * sx + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_C:
+            x = x * tl.load(C + coff + cols, mask=m, other=0.0)
+        return x
+
+    @triton.jit
+    def _seg_put(x, n, Q, sq, coff, row, inv, B: tl.constexpr):
+        cols = tl.arange(0, B)
+        y = tl.minimum(tl.maximum(x * inv, -448.0), 448.0)
+        tl.store(Q + row * sq + coff + cols, y.to(tl.float8e4nv), mask=cols < n)
+
+    @triton.jit
     def quant_rows(X0, X1, X2, s0, s1, s2, n0, n1, n2, ntot, C, Q, sq, S, M,
-                   NSEG: tl.constexpr, HAS_C: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
+                   NSEG: tl.constexpr, HAS_C: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr,
+                   B0: tl.constexpr, B1: tl.constexpr, B2: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         if row >= M:  # padding rows of Q: zeros, scale 1
             for off in range(0, ntot, BLOCK):
                 cols = off + tl.arange(0, BLOCK)
                 tl.store(Q + row * sq + cols, tl.zeros([BLOCK], tl.float32).to(tl.float8e4nv), mask=cols < ntot)
             tl.store(S + row, 1.0)
-        elif ONE_PASS:  # the whole row in registers: read once
-            cols = tl.arange(0, BLOCK)
-            m = cols < n0
-            x = tl.load(X0 + row * s0 + cols, mask=m, other=0.0).to(tl.float32)
-            if HAS_C:
-                x = x * tl.load(C + cols, mask=m, other=0.0)
-            amax = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12)
-            y = tl.minimum(tl.maximum(x * (448.0 / amax), -448.0), 448.0)
-            tl.store(Q + row * sq + cols, y.to(tl.float8e4nv), mask=m)
+        elif ONE_PASS:  # every segment of the row in registers (B_i >= n_i): each element read once
+            x0 = _seg_load(X0, s0, n0, C, 0, row, HAS_C, B0)
+            amax = tl.max(tl.abs(x0), axis=0)
+            if NSEG > 1:
+                x1 = _seg_load(X1, s1, n1, C, n0, row, HAS_C, B1)
+                amax = tl.maximum(amax, tl.max(tl.abs(x1), axis=0))
+            if NSEG > 2:
+                x2 = _seg_load(X2, s2, n2, C, n0 + n1, row, HAS_C, B2)
+                amax = tl.maximum(amax, tl.max(tl.abs(x2), axis=0))
+            amax = tl.maximum(amax, 1e-12)
+            inv = 448.0 / amax
+            _seg_put(x0, n0, Q, sq, 0, row, inv, B0)
+            if NSEG > 1:
+                _seg_put(x1, n1, Q, sq, n0, row, inv, B1)
+            if NSEG > 2:
+                _seg_put(x2, n2, Q, sq, n0 + n1, row, inv, B2)
             tl.store(S + row, amax / 448.0)
-        else:  # several segments or long rows: the max first, then the cast (the second read mostly hits L2)
+        else:  # long rows: the max first, then the cast (the second read mostly hits L2)
             acc = tl.zeros([BLOCK], tl.float32)
             acc = _seg_amax(X0, s0, n0, C, 0, row, acc, HAS_C, BLOCK)
             if NSEG > 1:
@@ -143,7 +166,6 @@ if triton is not None:
             if NSEG > 2:
                 _seg_store(X2, s2, n2, C, n0 + n1, Q, sq, row, inv, HAS_C, BLOCK)
             tl.store(S + row, amax / 448.0)
-
 
 
 def _triton_kernel():
@@ -178,12 +200,13 @@ def quantize_rows(segments: list[torch.Tensor], col_scale: torch.Tensor | None =
     sx = torch.empty((mp, 1), dtype=torch.float32, device=segments[0].device)
     segs = list(segments) + [segments[0]] * (3 - len(segments))
     widths = [s.shape[1] for s in segments] + [0] * (3 - len(segments))
-    one = len(segments) == 1 and n <= 16384
-    block = max(1024, 1 << (n - 1).bit_length()) if one else 2048
+    p2 = [max(16, 1 << (w - 1).bit_length()) if w else 16 for w in widths]
+    one = sum(p2[:len(segments)]) <= 32768  # the row fits in registers (q/k/v: 6144, gate/up dX: 2 x 16384)
     _triton_kernel()[(mp,)](segs[0], segs[1], segs[2], segs[0].stride(0), segs[1].stride(0), segs[2].stride(0),
-                            widths[0], widths[1], widths[2], n, col_scale if col_scale is not None else sx, q, q.stride(0),
-                            sx, m, NSEG=len(segments), HAS_C=col_scale is not None, ONE_PASS=one, BLOCK=block,
-                            num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+                            widths[0], widths[1], widths[2], n, col_scale if col_scale is not None else sx, q,
+                            q.stride(0), sx, m, NSEG=len(segments), HAS_C=col_scale is not None, ONE_PASS=one,
+                            BLOCK=2048, B0=p2[0], B1=p2[1], B2=p2[2],
+                            num_warps=16 if sum(p2) >= 8192 else 8 if sum(p2) >= 2048 else 4)
     return q, sx
 
 
