@@ -258,6 +258,9 @@ class RunConfig:
         need(not (self.offload_weights == "on" and self.gradient_checkpointing in ("off", "on")),
              f"OFFLOAD_WEIGHTS=on streams the layers through offloaded checkpointing: it needs GRADIENT_CHECKPOINTING="
              f"offload or auto, not {self.gradient_checkpointing}")
+        need(not (self.base_precision == "fp8" and self.offload_weights == "on"),
+             "BASE_PRECISION=fp8 keeps its FP8 weights on the GPU: it cannot stream them (OFFLOAD_WEIGHTS=on); use "
+             "BASE_PRECISION=nf4 for the leanest memory")
         need(self.max_gpu_memory >= 0, f"MAX_GPU_MEMORY={self.max_gpu_memory}: must be >= 0 (GB)")
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")

@@ -25,8 +25,9 @@ there it stepped aside inside the compiled blocks, so those runs compared Unslot
 4-layer hidden-1024 model trains slower with eager blocks, so LORA_KERNELS=auto takes this path from hidden size
 3072 up (finetune/autotune.py); LORA_KERNELS=unsloth keeps Unsloth's own kernels and its compiled blocks.
 
-Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32 or bitsandbytes 4-bit
-base weight, eager. Everything else (dropout, biases, fp8, int4, torch.compile tracing) runs Unsloth's own code
+Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32, bitsandbytes 4-bit or
+finetune/fp8.py FP8 base weight (BASE_PRECISION=fp8: routed to fp8.py's Functions, same math with FP8 base GEMMs),
+eager. Everything else (dropout, biases, other fp8 or int4 formats, torch.compile tracing) runs Unsloth's own code
 unchanged. `install()` routes Unsloth's LoRA_QKV / LoRA_MLP / LoRA_W through here; the Function classes below are
 the same math on plain tensors, which the CPU test suite checks against autograd, also traced by torch.compile
 (where dX gets its own buffer: AOT autograd forbids a backward writing into a forward input).

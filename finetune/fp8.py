@@ -255,6 +255,8 @@ def base_dX(dYs: list[torch.Tensor], Ws: list) -> torch.Tensor:
         wt, cs = first.group_t, first.group_scale
     else:
         wt, cs = first.t, first.scale
+        if wt.stride(0) != wt.shape[1]:  # one projection's slice of a group's copy (peft's path): packed for cuBLAS
+            wt = wt.contiguous()
     dq, sd = quantize_rows(dYs, cs)
     # Hopper's fast accumulation: 6-16% faster dX GEMMs on the 8B shapes (bench/fp8_check.py); its error (~3e-3
     # relative, mostly the bf16 output's rounding) is a tenth of the quantisation's own (~3e-2).

@@ -143,6 +143,9 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckp
     """
     # --- BASE_PRECISION=fp8 (issue 21): the base loads in bf16, then its LoRA-wrapped projections become FP8.
     precision, why = base_precision(cfg, backend)
+    if precision == "fp8" and grad_ckpt == "stream":
+        raise ConfigError("BASE_PRECISION=fp8 does not fit this GPU's memory plan (only streamed weights fit, and FP8 "
+                          "weights stay on the GPU): use BASE_PRECISION=nf4 (QLoRA) here")
     if precision == "fp8":
         lora_kernels = "fast"  # the FP8 GEMMs live in fast_lora's routed Functions (finetune/fp8.py)
     model = _load_peft(cfg, base, tok, backend, grad_ckpt, keep_layers, lora_kernels)

@@ -182,6 +182,11 @@ def test_base_precision_sets_use_qlora_and_refuses_a_contradiction(clean_env):
         RunConfig.from_env({"BASE_PRECISION": "fp8", "USE_QLORA": "true"}, env_file=None)
     with pytest.raises(ConfigError, match="BASE_PRECISION"):
         RunConfig.from_env({"BASE_PRECISION": "fp4"}, env_file=None)
+    with pytest.raises(ConfigError, match="cannot stream"):
+        RunConfig.from_env({"BASE_PRECISION": "fp8", "OFFLOAD_WEIGHTS": "on"}, env_file=None)
+    # a resume must not switch the base's precision; auto leaves old checkpoints' fingerprints as they were
+    assert RunConfig.from_env({"BASE_PRECISION": "fp8"}, env_file=None).fingerprint_fields()["base_precision"] == "fp8"
+    assert "base_precision" not in RunConfig.from_env({}, env_file=None).fingerprint_fields()
 
 
 def test_fp8_falls_back_to_bf16_without_an_fp8_gpu_and_says_why():
