@@ -99,6 +99,11 @@ class RunConfig:
     # (docs/QUALITY.md): QLoRA buys it nothing and loses knowledge, so it trains with plain LoRA unless told.
     use_qlora: bool = _f(True, "load the base in NF4 4-bit with double quantisation (QLoRA); the bundled "
                          "SmolLM2 trains with plain LoRA unless this is set", embedded=False)
+    base_precision: str = _f("auto", "auto | nf4 | bf16 | fp8: how the frozen base is stored and multiplied. nf4 is QLoRA, "
+                             "bf16 plain LoRA; fp8 stores it in e4m3 with row-wise scales and runs its GEMMs on FP8 "
+                             "tensor cores (compute capability 8.9+, e.g. H100/H200/L4; elsewhere it falls back to bf16 "
+                             "and says so). auto follows USE_QLORA; nf4/bf16/fp8 set USE_QLORA to match",
+                             ("auto", "nf4", "bf16", "fp8"))
     backend: str = _f("auto", "auto | unsloth | hf (auto: unsloth on a CUDA GPU when it imports)", ("auto", "unsloth", "hf"))
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
@@ -216,7 +221,10 @@ class RunConfig:
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
                 "grad_accum", "data_format", "data_columns", "qa_with_context", "train_on_inputs", "chat_template", "packing",
                 "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.base_precision != "auto":  # absent under auto, so checkpoints from before it resume unchanged
+            out["base_precision"] = self.base_precision
+        return out
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -264,6 +272,9 @@ class RunConfig:
         need(not (self.offload_weights == "on" and self.gradient_checkpointing in ("off", "on")),
              f"OFFLOAD_WEIGHTS=on streams the layers through offloaded checkpointing: it needs GRADIENT_CHECKPOINTING="
              f"offload or auto, not {self.gradient_checkpointing}")
+        need(not (self.base_precision == "fp8" and self.offload_weights == "on"),
+             "BASE_PRECISION=fp8 keeps its FP8 weights on the GPU: it cannot stream them (OFFLOAD_WEIGHTS=on); use "
+             "BASE_PRECISION=nf4 for the leanest memory")
         need(self.max_gpu_memory >= 0, f"MAX_GPU_MEMORY={self.max_gpu_memory}: must be >= 0 (GB)")
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")
@@ -367,6 +378,14 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike |
         problems.append(f"NODE_RANK={launch['NODE_RANK']} with NNODES={launch['NNODES']}: must be in 0 .. NNODES-1")
     if launch["HOSTFILE"] and not Path(launch["HOSTFILE"]).is_file():
         problems.append(f"HOSTFILE={launch['HOSTFILE']}: no such file")
+    # BASE_PRECISION names the base's storage; USE_QLORA (the seed's switch) follows it unless set against it.
+    bp = values.get("base_precision", "auto")
+    if bp != "auto":
+        want = bp == "nf4"
+        if "USE_QLORA" in user_set and values.get("use_qlora", want) != want:
+            problems.append(f"BASE_PRECISION={bp} contradicts USE_QLORA={merged['USE_QLORA']}: unset one "
+                            f"(BASE_PRECISION=nf4 is QLoRA; bf16 and fp8 are not)")
+        values["use_qlora"] = want
     # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
     # so one error lists every problem.
     cfg = RunConfig(**values)

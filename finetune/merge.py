@@ -26,6 +26,7 @@ class Parity:
     prompts: int
     stops_at_eos: bool
     qlora_gap: float | None = None   # adapter on the 4-bit base vs merged
+    fp8_gap: float | None = None     # BASE_PRECISION=fp8: adapter on the FP8 round trip of the base vs merged
 
     @property
     def ok(self) -> bool:
@@ -213,10 +214,13 @@ def _parity_gate(cfg, base: str, paths: RunPaths, tok, prompts, reference, ref_g
     parity = _gate(cfg, folder, tok, prompts, reference, ref_greedy, device, dtype)
     if cfg.use_qlora:
         parity.qlora_gap = _qlora_gap(cfg, base, paths, tok, prompts, folder, device)
+    elif cfg.base_precision == "fp8":
+        parity.fp8_gap = _fp8_gap(base, paths, tok, prompts, folder, device)
     (folder / "merge_parity.json").write_text(json.dumps(asdict(parity), indent=1) + "\n")
     log(f"[merge] parity: max |logit diff| {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.1e}); "
         f"greedy identical {parity.greedy_identical}/{parity.prompts}; stops at EOS: {parity.stops_at_eos}"
-        + (f"; QLoRA gap (4-bit base vs merged) {parity.qlora_gap:.3f}" if parity.qlora_gap is not None else ""))
+        + (f"; QLoRA gap (4-bit base vs merged) {parity.qlora_gap:.3f}" if parity.qlora_gap is not None else "")
+        + (f"; FP8 gap (FP8 base vs merged) {parity.fp8_gap:.3f}" if parity.fp8_gap is not None else ""))
     if not parity.ok:
         raise ParityError(f"merge rejected: max |logit diff| {parity.max_abs_logit_diff:.3e} vs tolerance "
                           f"{parity.tolerance:.1e}, greedy identical {parity.greedy_identical}/{parity.prompts}; "
@@ -262,6 +266,28 @@ def _qlora_gap(cfg, base, paths, tok, prompts, merged_dir: Path, device) -> floa
         return max(float((x - y).abs().max()) for x, y in zip(a, b))
     except Exception as e:  # informational only; the gate itself has already passed
         print(f"[merge] could not measure the QLoRA gap: {type(e).__name__}: {e}")
+        return None
+
+
+def _fp8_gap(base, paths, tok, prompts, merged_dir: Path, device) -> float | None:
+    """Max |logit diff| between the adapter on the FP8 round trip of the base (what BASE_PRECISION=fp8 trained on:
+    its targeted projections through e4m3 with row scales) and the merged model."""
+    try:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from finetune import fp8
+
+        targets = json.loads((paths.adapters / "adapter_config.json").read_text()).get("target_modules")
+        q = model_lib.load_plain(base, tok, device)
+        fp8.round_trip_(q, None if isinstance(targets, str) else targets)  # a string is all-linear (or a pattern)
+        q = PeftModel.from_pretrained(q, str(paths.adapters)).eval()
+        a = _logits(q, tok, prompts, device)
+        m = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=model_lib.compute_dtype(device)).to(device).eval()
+        b = _logits(m, tok, prompts, device)
+        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    except Exception as e:  # informational only; the gate itself has already passed
+        print(f"[merge] could not measure the FP8 gap: {type(e).__name__}: {e}")
         return None
 
 
