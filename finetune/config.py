@@ -21,7 +21,8 @@ from finetune.errors import ConfigError
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_DATA = "data/sample/korquad_sample.json"
-JOBS = ("train", "resume_training", "prepare", "merge", "evaluate", "export", "test")
+JOBS = ("train", "resume_training", "prepare", "merge", "evaluate", "export", "chat", "generate", "serve", "test")
+GEN_PRESETS = ("greedy", "factual", "balanced", "creative")  # their values: finetune/generation.py PRESETS
 DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messages", "text")
 
 # Variables that belong to the libraries we drive; allowed in `.env` and never treated as typos of ours.
@@ -48,7 +49,7 @@ class RunConfig:
     """Every knob of a run. The environment name of a field is its name in upper case."""
 
     # --- what to run
-    job: str = _f("train", "train | resume_training | prepare | merge | evaluate | export | test", JOBS)
+    job: str = _f("train", " | ".join(JOBS), JOBS)
     base_model_name: str = _f(EMBEDDED_MODEL, "HF model folder or name; the default is the bundled SmolLM2-135M-Instruct")
     data_path: str = _f(DEFAULT_DATA, "JSON / JSONL file, folder of them, or datasets.save_to_disk folder")
     base_save_path: str = _f("final_model", "root of the output tree <root>/<model>/<epochs>/")
@@ -128,6 +129,18 @@ class RunConfig:
     eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
+    # --- using the trained model (JOB=chat, generate, serve)
+    gen_preset: str = _f("factual", "sampling preset for chat and generate: greedy | factual (temperature 0.1, top_p 0.9, "
+                         "repetition_penalty 1.0) | balanced (0.5, 0.9, 1.1) | creative (0.8, 0.95, 1.15)", GEN_PRESETS)
+    temperature: str = _f("", "overrides the preset's temperature (0 = greedy)")
+    top_p: str = _f("", "overrides the preset's top_p, in (0, 1]")
+    repetition_penalty: str = _f("", "overrides the preset's repetition penalty (1 = none)")
+    max_new_tokens: int = _f(256, "longest answer in tokens, for chat and generate")
+    system_prompt: str = _f("", "system message for chat and generate (empty: the chat template's default, as in training)")
+    prompts_path: str = _f("", "JOB=generate: prompts as JSONL (a prompt, question, input or instruction field), CSV "
+                           "(a column of those names) or plain text (one prompt a line); answers go to <run>/answers.jsonl")
+    serve_host: str = _f("127.0.0.1", "JOB=serve: address to listen on (0.0.0.0 to accept other machines)")
+    serve_port: int = _f(8000, "JOB=serve: port of the OpenAI-compatible endpoint")
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
     deepspeed_config: str = _f("", "DeepSpeed JSON for several GPUs (default: configs/deepspeed/zero2.json)")
@@ -244,6 +257,20 @@ class RunConfig:
              f"offload or auto, not {self.gradient_checkpointing}")
         need(self.max_gpu_memory >= 0, f"MAX_GPU_MEMORY={self.max_gpu_memory}: must be >= 0 (GB)")
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
+        need(self.max_new_tokens >= 1, f"MAX_NEW_TOKENS={self.max_new_tokens}: must be >= 1")
+        need(1 <= self.serve_port <= 65535, f"SERVE_PORT={self.serve_port}: must be a port number (1-65535)")
+        need(not (self.job == "generate" and not self.prompts_path),
+             "JOB=generate needs PROMPTS_PATH: a .jsonl, .csv or .txt file of prompts")
+        for name, low, high, low_open in (("temperature", 0, 10, False), ("top_p", 0, 1, True),
+                                          ("repetition_penalty", 0, 10, True)):
+            raw = getattr(self, name)
+            try:
+                v = float(raw) if raw != "" else None
+            except ValueError:
+                v = float("nan")
+            need(v is None or ((low < v if low_open else low <= v) and v <= high),
+                 f"{name.upper()}={raw!r}: must be a number in {'(' if low_open else '['}{low}, {high}] "
+                 f"(or unset for GEN_PRESET={self.gen_preset}'s)")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")
         mods = [m.strip() for m in self.target_modules.split(",")]
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
@@ -274,7 +301,8 @@ def _read_env_file(path: str | os.PathLike | None, problems: list[str]) -> dict[
 
 
 _PREFIXES = ("LORA_", "DATA_", "EVAL_", "MERGE_", "EXPORT_", "QLORA", "USE_", "NUM_", "MAX_SEQ", "BASE_MODEL",
-             "BASE_SAVE", "CHECKPOINT_", "SAVE_", "LEARNING_", "GRAD_", "TRAIN_", "REPLAY_", "RETENTION_")
+             "BASE_SAVE", "CHECKPOINT_", "SAVE_", "LEARNING_", "GRAD_", "TRAIN_", "REPLAY_", "RETENTION_", "GEN_",
+             "SERVE_", "PROMPTS_", "SYSTEM_PROMPT", "TOP_P", "MAX_NEW")
 
 
 def _looks_like_ours(key: str, names: Mapping[str, Any]) -> bool:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import checkpoints, model as model_lib
+from finetune import checkpoints, model as model_lib, portable
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
 from finetune.errors import ConfigError, Interrupted, PipelineError, ResourceError
@@ -438,6 +438,8 @@ def _save_adapter(cfg, paths: RunPaths, trainer, tok, p: TrainPlan, is_main: boo
             if f.name != "training_args.bin":  # a pickle; the config below says the same in JSON
                 shutil.move(str(f), tmp / f.name)
         tok.save_pretrained(tmp)  # the training chat template travels with the adapter
+        portable.name_adapter_base(tmp, cfg)
+        portable.for_transformers4(tmp)
         info = {"base_model_name": cfg.base_model_name, "global_step": trainer.state.global_step,
                 "effective_batch": p.effective_batch, "world_size": p.world_size, "backend": p.backend,
                 "config": cfg.public_dict()}
