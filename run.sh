@@ -18,7 +18,7 @@ LOG_PREFIX="[run.sh]"
 
 usage() {
   cat <<EOF
-usage: ./run.sh [JOB] [-- pytest args]      JOB: train (default) | resume_training | prepare | merge | evaluate | export | test
+usage: ./run.sh [JOB] [-- pytest args]      JOB: train (default) | resume_training | prepare | merge | evaluate | export | chat | generate | serve | test
        ./run.sh --help
 
 Setup: on first use creates .venv and installs requirements.txt (plus requirements-gpu.txt on an NVIDIA GPU machine),
@@ -56,7 +56,7 @@ launch_and_wait() {
 case "${1:-}" in
   -h|--help|help) usage; exit 0 ;;
   "") ;;
-  train|resume_training|prepare|merge|evaluate|export|test) export JOB="$1"; shift ;;
+  train|resume_training|prepare|merge|evaluate|export|chat|generate|serve|test) export JOB="$1"; shift ;;
   *) usage >&2; die "unknown argument '$1'" 2 ;;
 esac
 cd "$HERE"

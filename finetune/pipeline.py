@@ -3,6 +3,7 @@
     train            prepare -> replay -> train -> merge -> evaluate (-> export when EXPORT_GGUF)
     resume_training  train (from the newest complete checkpoint) -> merge -> evaluate
     prepare | merge | evaluate | export   one stage on the outputs already on disk
+    chat | generate | serve                the run's model in use (finetune/use.py)
 
 Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupted (resumable), 1 anything else.
 """
@@ -26,7 +27,11 @@ STAGES = {
     "merge": ("merge",),
     "evaluate": ("evaluate",),
     "export": ("export",),
+    "chat": ("chat",),
+    "generate": ("generate",),
+    "serve": ("serve",),
 }
+USE = ("chat", "generate", "serve")  # the trained model in use (finetune/use.py)
 
 
 def main(only: tuple[str, ...] | None = None) -> int:
@@ -69,6 +74,8 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
     from finetune import model as model_lib
 
     stages = only or STAGES[cfg.job]
+    if stages[0] in USE:
+        return _use(cfg, paths, runlog, stages[0])
     if cfg.job == "resume_training" and _finished(paths):
         print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
         return
@@ -126,6 +133,20 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
             runlog.artefact("gguf", export(cfg, paths))
     print(f"[done] outputs in {paths.run_dir}:  adapter {paths.adapters.name}/  merged {paths.merged.name}/  "
           f"report {paths.eval_dir / 'report.md'}", flush=True)
+
+
+def _use(cfg: RunConfig, paths: RunPaths, runlog: RunLog, job: str) -> None:
+    """The run's model in use: no training machinery; the base is resolved only for an adapter not yet merged."""
+    from finetune import use
+
+    if job == "chat":  # interactive: nothing to record beyond the job's own line in run.json
+        use.chat(cfg, paths)
+        return
+    with runlog.stage(job):
+        if job == "generate":
+            runlog.artefact("answers", use.generate_file(cfg, paths))
+        else:
+            use.serve(cfg, paths)
 
 
 def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:
