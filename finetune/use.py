@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -231,10 +232,38 @@ def serve(cfg: RunConfig, paths: RunPaths, log=print) -> int:
     if not (paths.merged / "config.json").is_file():
         raise ConfigError(f"JOB=serve serves the merged model and there is none in {paths.merged}: "
                           "run JOB=merge first (or the whole training, ./run.sh)")
-    cmd, env, model_id = _SERVERS["transformers"](cfg, paths)
-    log(f"[serve] {paths.merged} at http://{cfg.serve_host}:{cfg.serve_port}/v1 as model {model_id!r} "
-        f"(OpenAI-compatible; stop with Ctrl-C or SIGTERM)")
-    child = subprocess.Popen(cmd, cwd=paths.run_dir, env=env, start_new_session=True)
+    sample = sampling(cfg)
+    with tempfile.TemporaryDirectory(prefix="rapa-serve-") as view:
+        model_id = _serving_view(paths.merged, Path(view), sample)
+        cmd, env = _SERVERS["transformers"](cfg, model_id)
+        log(f"[serve] {paths.merged} at http://{cfg.serve_host}:{cfg.serve_port}/v1 as model {model_id!r} "
+            f"(OpenAI-compatible); defaults {sample.describe().rsplit(',', 1)[0]}, a request's own values win; "
+            "stop with Ctrl-C or SIGTERM")
+        return _foreground(subprocess.Popen(cmd, cwd=view, env=env, start_new_session=True), log)
+
+
+def _serving_view(merged: Path, view: Path, sample: Sampling) -> str:
+    """A folder of links to the merged model whose generation_config.json carries GEN_PRESET: transformers serve
+    takes its defaults from there and samples only where it says do_sample (a request's temperature alone does not
+    switch sampling on). The merged artefact itself is left as it is. Returns the model id clients send."""
+    folder = view / merged.name
+    folder.mkdir()
+    for f in merged.iterdir():
+        if f.name != "generation_config.json":
+            (folder / f.name).symlink_to(f.resolve())
+    gen_file = merged / "generation_config.json"
+    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    kw = sample.generate_kwargs()
+    gen.update({k: v for k, v in kw.items() if k != "max_new_tokens" and v is not None})
+    if not kw["do_sample"]:
+        for k in ("temperature", "top_p", "top_k"):
+            gen.pop(k, None)
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return folder.name
+
+
+def _foreground(child: subprocess.Popen, log) -> int:
+    """Wait for the server; SIGTERM, SIGINT and SIGHUP reach it once, from us, and it shuts down cleanly."""
     forwarded = []
 
     def forward(signum, frame):
@@ -256,15 +285,14 @@ def serve(cfg: RunConfig, paths: RunPaths, log=print) -> int:
     return code
 
 
-def _transformers_serve(cfg: RunConfig, paths: RunPaths) -> tuple[list[str], dict, str]:
-    # The model id clients send is the folder name relative to the run folder (the server's working directory):
-    # `transformers serve` pins the model it preloads and refuses requests naming another.
-    model_id = paths.merged.name
+def _transformers_serve(cfg: RunConfig, model_id: str) -> tuple[list[str], dict]:
+    # The model id clients send is the folder's name relative to the server's working directory: `transformers
+    # serve` pins the model it preloads and refuses requests naming another.
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", model_id, "--host", cfg.serve_host,
            "--port", str(cfg.serve_port), "--log-level", "info"]
     # The model is a local folder: no hub look-ups (an offline machine would otherwise wait on them).
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return cmd, env, model_id
+    return cmd, env
 
 
 _SERVERS = {"transformers": _transformers_serve}

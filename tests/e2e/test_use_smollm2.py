@@ -146,7 +146,10 @@ def test_chat_in_a_terminal_streams_remembers_the_conversation_and_resets(traine
         assert "/reset" in term.screen and "/exit" in term.screen
         t0 = len(term.reads)
         assert term.say(first) == expect_first
-        answer_reads = [c for _, c in term.reads[t0:] if c.strip() and "you> " not in c]
+        after = "".join(c for _, c in term.reads[t0:]).split("model> ", 1)[1]
+        start = next(i for i in range(t0, len(term.reads)) if "model> " in "".join(c for _, c in term.reads[t0:i + 1]))
+        answer_reads = [c for _, c in term.reads[start + 1:] if c.strip() and "you> " not in c]
+        assert after.replace("\r", "").strip().startswith(expect_first)
         assert len(answer_reads) > 1, "the answer arrived in one piece: not streamed"
         assert term.say(second) == expect_second       # the model saw the first exchange
         assert "new conversation" in term.say("/reset")
@@ -207,6 +210,11 @@ def test_serve_answers_the_openai_client_and_stops_cleanly_on_sigterm(trained):
                                                 temperature=0, stream=True)
         pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
         assert len([p for p in pieces if p]) > 1 and "".join(pieces).strip() == reply.choices[0].message.content.strip()
+        # A request's temperature samples (the served defaults carry GEN_PRESET's do_sample): seeds give other stories.
+        stories = {client.chat.completions.create(model="lora_merged", messages=user("Tell me a story."), max_tokens=12,
+                                                  temperature=1.0, seed=seed).choices[0].message.content
+                   for seed in range(4)}
+        assert len(stories) > 1
     finally:
         proc.send_signal(signal.SIGTERM)  # run.sh exec'd python, which forwards it to the server
         out, _ = proc.communicate(timeout=120)
