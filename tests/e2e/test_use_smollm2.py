@@ -21,15 +21,11 @@ QUESTIONS = [q for q, _ in ((r["input"], r["output"]) for r in qa_rows(8))]
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, smollm2_dir):
-    """One short LoRA run of the bundled model (3 steps, merged and evaluated), shared by the tests here."""
-    tmp = tmp_path_factory.mktemp("use")
-    data = write_jsonl(tmp / "qa.jsonl", qa_rows(8))
-    env = dict(DATA_PATH=data, MAX_STEPS=3, BATCH_SIZE=4, LEARNING_RATE=1e-3, REPLAY_FRACTION=0, RETENTION_SET="none",
-               EVAL_MAX_QUESTIONS=2, EVAL_MAX_NEW_TOKENS=8)
-    r = run_sh(tmp, **env)
+def trained(smollm2_run):
+    """The shared short QLoRA run of the bundled model (tests/e2e/conftest.py): (tmp, env, run folder)."""
+    r = smollm2_run.result
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return tmp, env, tmp / "final_model" / MODEL / "3"
+    return smollm2_run.tmp, smollm2_run.env, smollm2_run.dir
 
 
 def greedy(folder, conversations, max_new_tokens):
@@ -63,7 +59,7 @@ def test_generate_answers_a_prompts_file_batched_into_the_run_folder(trained, tm
     assert all(set(x) == {"prompt", "answer", "tokens", "seconds", "stopped"} for x in rows)
     assert all(0 < x["tokens"] <= 20 and x["seconds"] > 0 for x in rows)
     # Five prompts of different lengths in one left-padded batch answer as each does alone.
-    assert [x["answer"] for x in rows] == greedy(run / "lora_merged", [user(q) for q in QUESTIONS[:5]], 20)
+    assert [x["answer"] for x in rows] == greedy(run / "qlora_merged", [user(q) for q in QUESTIONS[:5]], 20)
     assert "merged model" in r.stdout and "greedy" in r.stdout
     assert json.loads((run / "run.json").read_text())["stages"]["generate"]["status"] == "ok"
 
@@ -71,7 +67,7 @@ def test_generate_answers_a_prompts_file_batched_into_the_run_folder(trained, tm
 def test_generate_before_a_merge_uses_the_adapter_on_its_base(trained, tmp_path):
     tmp, env, run = trained
     unmerged = tmp_path / "final_model" / MODEL / "3"
-    shutil.copytree(run, unmerged, ignore=shutil.ignore_patterns("lora_merged", "answers.jsonl"))
+    shutil.copytree(run, unmerged, ignore=shutil.ignore_patterns("qlora_merged", "answers.jsonl"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(QUESTIONS[:3]) + "\n")
     r = run_sh(tmp_path, "generate", **env, PROMPTS_PATH=prompts, GEN_PRESET="greedy", MAX_NEW_TOKENS=16)
@@ -79,16 +75,17 @@ def test_generate_before_a_merge_uses_the_adapter_on_its_base(trained, tmp_path)
     assert "not merged yet" in r.stdout
     # The merge's parity gate promises the merged model answers as the adapter on its base: so must generate.
     got = [x["answer"] for x in read_jsonl(unmerged / "answers.jsonl")]
-    assert got == greedy(run / "lora_merged", [user(q) for q in QUESTIONS[:3]], 16)
+    assert got == greedy(run / "qlora_merged", [user(q) for q in QUESTIONS[:3]], 16)
 
 
 def test_generate_without_a_run_or_prompts_says_what_to_do(trained, tmp_path):
-    tmp, env, _ = trained
+    _, env, _ = trained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello?\n")
-    for where, extra, says in ((tmp, {"PROMPTS_PATH": tmp_path / "missing.jsonl"}, "missing.jsonl: no such file"),
+    # Each fails before it would touch a run; none runs in the shared one.
+    for where, extra, says in ((tmp_path, {"PROMPTS_PATH": tmp_path / "missing.jsonl"}, "missing.jsonl: no such file"),
                                (tmp_path, {"PROMPTS_PATH": prompts}, "no trained model"),
-                               (tmp, {}, "JOB=generate needs PROMPTS_PATH")):
+                               (tmp_path, {}, "JOB=generate needs PROMPTS_PATH")):
         r = run_sh(where, "generate", **env, **extra)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
 
@@ -135,9 +132,9 @@ class Terminal:
 def test_chat_in_a_terminal_streams_remembers_the_conversation_and_resets(trained):
     tmp, env, run = trained
     first, second = "Who founded Brackwater?", "Say that again, in one word."
-    expect_first, expect_second = greedy(run / "lora_merged", [user(first)], 24)[0], None
+    expect_first, expect_second = greedy(run / "qlora_merged", [user(first)], 24)[0], None
     history = user(first) + [{"role": "assistant", "content": expect_first}] + user(second)
-    expect_second, alone = greedy(run / "lora_merged", [history, user(second)], 24)
+    expect_second, alone = greedy(run / "qlora_merged", [history, user(second)], 24)
     assert expect_second != alone  # else this test could not tell memory from none
 
     term = Terminal(tmp, **env, GEN_PRESET="greedy", MAX_NEW_TOKENS=24)
@@ -164,7 +161,7 @@ def test_chat_system_prompt_reaches_the_model(trained):
     tmp, env, run = trained
     system = "You are a pirate. Answer like a pirate."
     conv = [{"role": "system", "content": system}] + user("What is the capital of France?")
-    expect, without = greedy(run / "lora_merged", [conv, user("What is the capital of France?")], 16)
+    expect, without = greedy(run / "qlora_merged", [conv, user("What is the capital of France?")], 16)
     assert expect != without
     term = Terminal(tmp, **env, GEN_PRESET="greedy", MAX_NEW_TOKENS=16, SYSTEM_PROMPT=system)
     try:
@@ -203,15 +200,15 @@ def test_serve_answers_the_openai_client_and_stops_cleanly_on_sigterm(trained):
             time.sleep(1)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         question = QUESTIONS[1]
-        reply = client.chat.completions.create(model="lora_merged", messages=user(question), max_tokens=16,
+        reply = client.chat.completions.create(model="qlora_merged", messages=user(question), max_tokens=16,
                                                temperature=0)
-        assert reply.choices[0].message.content.strip() == greedy(run / "lora_merged", [user(question)], 16)[0]
-        stream = client.chat.completions.create(model="lora_merged", messages=user(question), max_tokens=16,
+        assert reply.choices[0].message.content.strip() == greedy(run / "qlora_merged", [user(question)], 16)[0]
+        stream = client.chat.completions.create(model="qlora_merged", messages=user(question), max_tokens=16,
                                                 temperature=0, stream=True)
         pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
         assert len([p for p in pieces if p]) > 1 and "".join(pieces).strip() == reply.choices[0].message.content.strip()
         # A request's temperature samples (the served defaults carry GEN_PRESET's do_sample): seeds give other stories.
-        stories = {client.chat.completions.create(model="lora_merged", messages=user("Tell me a story."), max_tokens=12,
+        stories = {client.chat.completions.create(model="qlora_merged", messages=user("Tell me a story."), max_tokens=12,
                                                   temperature=1.0, seed=seed).choices[0].message.content
                    for seed in range(4)}
         assert len(stories) > 1
@@ -259,8 +256,8 @@ def test_merged_model_answers_identically_in_transformers_4_and_5(trained):
 
     _, _, run = trained
     questions = QUESTIONS[:4] + ["1847년에 무슨 일이 있었나요?"]
-    new = probe(sys.executable, run / "lora_merged", questions)
-    old = probe(transformers4_python(), run / "lora_merged", questions)
+    new = probe(sys.executable, run / "qlora_merged", questions)
+    old = probe(transformers4_python(), run / "qlora_merged", questions)
     assert new["version"].startswith("5.") and old["version"].startswith("4.")
     assert old["rope_theta"] == new["rope_theta"] == 100000.0
     assert (old["eos"], old["pad"]) == (new["eos"], new["pad"])
@@ -272,9 +269,9 @@ def test_merged_model_answers_identically_in_transformers_4_and_5(trained):
 
 def test_adapter_names_its_base_by_its_hub_id_and_our_stages_still_find_the_local_one(trained):
     _, _, run = trained
-    acfg = json.loads((run / "lora_adapters/adapter_config.json").read_text())
+    acfg = json.loads((run / "qlora_adapters/adapter_config.json").read_text())
     assert acfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     # The run that wrote it merged (through the parity gate) and evaluated from that adapter afterwards.
     stages = json.loads((run / "run.json").read_text())["stages"]
     assert stages["merge"]["status"] == stages["evaluate"]["status"] == "ok"
-    assert json.loads((run / "lora_merged/tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert json.loads((run / "qlora_merged/tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
