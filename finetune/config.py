@@ -137,7 +137,7 @@ class RunConfig:
     repetition_penalty: str = _f("", "overrides the preset's repetition penalty (1 = none)")
     max_new_tokens: int = _f(256, "longest answer in tokens, for chat and generate")
     system_prompt: str = _f("", "system message for chat and generate (empty: the chat template's default, as in training)")
-    prompts_path: str = _f("", "JOB=generate: prompts as JSONL (a prompt, question, input or instruction field), CSV "
+    prompts_path: str = _f("", "JOB=generate: prompts as JSONL (a prompt, question, input, instruction or text field), CSV "
                            "(a column of those names) or plain text (one prompt a line); answers go to <run>/answers.jsonl")
     serve_host: str = _f("127.0.0.1", "JOB=serve: address to listen on (0.0.0.0 to accept other machines)")
     serve_port: int = _f(8000, "JOB=serve: port of the OpenAI-compatible endpoint")

@@ -8,6 +8,7 @@ the adapter on its base. Sampling comes from GEN_PRESET and its overrides (finet
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import signal
@@ -59,12 +60,18 @@ def conversation(cfg: RunConfig, turns: list[dict]) -> list[dict]:
 
 # ---- JOB=generate ------------------------------------------------------------------------------------------------
 def read_prompts(path: Path) -> list[str]:
-    """Prompts from JSONL (a prompt/question/input/instruction/text field), CSV (a column of those names) or plain
-    text (one prompt a line). Raise DataError naming the line that has none."""
+    """Prompts from JSONL or a JSON array (a prompt/question/input/instruction/text field, or a string), CSV (a
+    column of those names) or plain text (one prompt a line). Raise DataError naming the line that has none."""
     if not path.is_file():
         raise ConfigError(f"PROMPTS_PATH={path}: no such file")
     text = path.read_text(encoding="utf-8-sig")
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):  # a JSON array of the same rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
+        prompts = [_field(row, path, n) for n, row in enumerate(rows, 1)]
+    elif path.suffix.lower() in (".jsonl", ".json"):
         prompts = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -75,8 +82,8 @@ def read_prompts(path: Path) -> list[str]:
                 raise DataError(f"{path}:{n}: not JSON ({e.msg}); one object a line is expected") from None
             prompts.append(_field(row, path, n))
     elif path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        prompts = [_field(row, path, n) for n, row in enumerate(rows, 2)]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        prompts = [_field(row, path, reader.line_num) for row in reader]
     else:
         prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
@@ -85,6 +92,8 @@ def read_prompts(path: Path) -> list[str]:
 
 
 def _field(row, path: Path, n: int) -> str:
+    if isinstance(row, str) and row.strip():
+        return row.strip()
     if isinstance(row, dict):
         for k in PROMPT_FIELDS:
             if isinstance(row.get(k), str) and row[k].strip():

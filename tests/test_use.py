@@ -48,10 +48,12 @@ def test_a_misspelt_sampling_variable_is_an_error():
 
 def test_prompts_from_jsonl_csv_and_plain_text(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n\n{"question": "b", "id": 2}\n{"instruction": " c "}\n')
-    (tmp_path / "p.csv").write_text('id,question\n1,"x, y"\n2,z\n')
+    (tmp_path / "p.csv").write_text('id,question\n1,"x, y"\n2,"two\nlines"\n3,z\n')
+    (tmp_path / "p.json").write_text(json.dumps([{"question": "j"}, "k"]))
     (tmp_path / "p.txt").write_text("first\n\n second \n")
     assert read_prompts(tmp_path / "p.jsonl") == ["a", "b", "c"]
-    assert read_prompts(tmp_path / "p.csv") == ["x, y", "z"]
+    assert read_prompts(tmp_path / "p.csv") == ["x, y", "two\nlines", "z"]
+    assert read_prompts(tmp_path / "p.json") == ["j", "k"]
     assert read_prompts(tmp_path / "p.txt") == ["first", "second"]
 
 
@@ -62,6 +64,9 @@ def test_a_prompt_file_problem_names_the_line(tmp_path):
     (tmp_path / "q.jsonl").write_text('{"prompt": "a"}\nnot json\n')
     with pytest.raises(DataError, match=r"q.jsonl:2: not JSON"):
         read_prompts(tmp_path / "q.jsonl")
+    (tmp_path / "c.csv").write_text('id,question\n1,x\n2,\n')
+    with pytest.raises(DataError, match=r"c.csv:3: no prompt"):
+        read_prompts(tmp_path / "c.csv")
     (tmp_path / "e.txt").write_text("\n")
     with pytest.raises(DataError, match="no prompts"):
         read_prompts(tmp_path / "e.txt")

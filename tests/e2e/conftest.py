@@ -14,8 +14,10 @@ SMOLLM2_RUN = dict(USE_QLORA="true", MAX_STEPS=3, BATCH_SIZE=4, LEARNING_RATE=1e
 
 @pytest.fixture(scope="session")
 def smollm2_run(tmp_path_factory, smollm2_dir):
-    """One training run of the bundled SmolLM2 through run.sh, shared by every test that needs a trained run (they
-    read it and run other jobs on it, adding answers.jsonl and lines to run.json; none changes an artefact). `env` finds the run again: pass it to run_sh."""
+    """One training run of the bundled SmolLM2 through run.sh, shared by every test that needs a trained run.
+
+    They read it and run other jobs on it (adding answers.jsonl and lines to run.json); none changes an artefact.
+    `env` finds the run again: pass it to run_sh."""
     tmp = tmp_path_factory.mktemp("qlora")
     env = dict(DATA_PATH=write_jsonl(tmp / "qa.jsonl", qa_rows(8)), RETENTION_SET=probe_file(tmp), **SMOLLM2_RUN)
     result = run_sh(tmp, **env)
