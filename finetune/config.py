@@ -29,6 +29,7 @@ DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messag
 DATA_COLUMN_ROLES = ("question", "answer", "context")
 GGUF_FORMATS = ("f16", "bf16", "q8_0", "q4_k_m")
 DEFAULT_GGUF = "f16,q8_0"  # what JOB=export writes when EXPORT_GGUF is empty
+GEN_PRESETS = ("greedy", "factual", "balanced", "creative")  # their values: finetune/generation.py PRESETS
 
 # Variables of the libraries we drive: allowed in `.env` (exported to the process there, where the libraries look)
 # and in the environment, and never treated as typos of ours.
@@ -177,6 +178,18 @@ class RunConfig:
     eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
+    # --- using the trained model (JOB=chat, generate, serve)
+    gen_preset: str = _f("factual", "sampling preset for chat and generate: greedy | factual (temperature 0.1, top_p 0.9, "
+                         "repetition_penalty 1.0) | balanced (0.5, 0.9, 1.1) | creative (0.8, 0.95, 1.15)", GEN_PRESETS)
+    temperature: str = _f("", "overrides the preset's temperature (0 = greedy)")
+    top_p: str = _f("", "overrides the preset's top_p, in (0, 1]")
+    repetition_penalty: str = _f("", "overrides the preset's repetition penalty (1 = none)")
+    max_new_tokens: int = _f(256, "longest answer in tokens, for chat and generate")
+    system_prompt: str = _f("", "system message for chat and generate (empty: the chat template's default, as in training)")
+    prompts_path: str = _f("", "JOB=generate: prompts as JSONL (a prompt, question, input, instruction or text field), CSV "
+                           "(a column of those names) or plain text (one prompt a line); answers go to <run>/answers.jsonl")
+    serve_host: str = _f("127.0.0.1", "JOB=serve: address to listen on (0.0.0.0 to accept other machines)")
+    serve_port: int = _f(8000, "JOB=serve: port of the OpenAI-compatible endpoint")
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
     deepspeed_config: str = _f("", "DeepSpeed JSON for several GPUs (default: configs/deepspeed/zero2.json)")
@@ -277,6 +290,20 @@ class RunConfig:
              "BASE_PRECISION=nf4 for the leanest memory")
         need(self.max_gpu_memory >= 0, f"MAX_GPU_MEMORY={self.max_gpu_memory}: must be >= 0 (GB)")
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
+        need(self.max_new_tokens >= 1, f"MAX_NEW_TOKENS={self.max_new_tokens}: must be >= 1")
+        need(1 <= self.serve_port <= 65535, f"SERVE_PORT={self.serve_port}: must be a port number (1-65535)")
+        need(not (self.job == "generate" and not self.prompts_path),
+             "JOB=generate needs PROMPTS_PATH: a .jsonl, .csv or .txt file of prompts")
+        for name, low, high, low_open in (("temperature", 0, 10, False), ("top_p", 0, 1, True),
+                                          ("repetition_penalty", 0, 10, True)):
+            raw = getattr(self, name)
+            try:
+                v = float(raw) if raw != "" else None
+            except ValueError:
+                v = float("nan")
+            need(v is None or ((low < v if low_open else low <= v) and v <= high),
+                 f"{name.upper()}={raw!r}: must be a number in {'(' if low_open else '['}{low}, {high}] "
+                 f"(or unset for GEN_PRESET={self.gen_preset}'s)")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")
         mods = [m.strip() for m in self.target_modules.split(",")]
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune import model as model_lib
+from finetune import portable
 from finetune.config import RunConfig
 from finetune.data.tokenize import prompt_text
 from finetune.errors import ConfigError, ParityError
@@ -75,6 +76,7 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
             log("[merge] MERGE_PARITY=off: parity gate skipped")
         if store != torch.float32:
             _restore_dtype(tmp, store, log)
+        portable.for_transformers4(tmp)  # after the last save_pretrained, which writes transformers 5's keys only
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
 
@@ -152,6 +154,7 @@ def _merge_sharded(cfg: RunConfig, paths: RunPaths, base: str, tok, prompts, dev
                 {"mode": "per-tensor", "max_abs_weight_diff": worst, "merged_tensors": len(summary["merged"])},
                 indent=1) + "\n")
             log(f"[merge] per-tensor check: max |weight diff| {worst:.2e} over sampled merged tensors")
+        portable.for_transformers4(tmp)
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
 

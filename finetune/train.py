@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import set_seed
 
-from finetune import checkpoints, mfu, model as model_lib
+from finetune import checkpoints, mfu, model as model_lib, portable
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
 from finetune.errors import ConfigError, Interrupted, ResourceError
@@ -219,6 +219,8 @@ def _save_adapter(cfg: RunConfig, paths: RunPaths, trainer, tok, p: TrainPlan, i
             if f.name != "training_args.bin":  # a pickle; the config below says the same in JSON
                 shutil.move(str(f), tmp / f.name)
         tok.save_pretrained(tmp)  # the training chat template travels with the adapter
+        portable.name_adapter_base(tmp, cfg)
+        portable.for_transformers4(tmp)
         info = {"base_model_name": cfg.base_model_name, "global_step": trainer.state.global_step,
                 "effective_batch": p.effective_batch, "world_size": p.world_size, "backend": p.backend,
                 "replay_loss": p.replay_loss, "config": cfg.public_dict()}
