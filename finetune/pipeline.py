@@ -156,7 +156,7 @@ def _setup_tracking(cfg: RunConfig) -> None:
         # One wandb run per output run: a resume continues it instead of starting another.
         import hashlib
 
-        ident = f"{cfg.base_save_path}|{cfg.model_slug}|{cfg.epochs_label}|{cfg.adapter_kind}"
+        ident = f"{cfg.base_save_path}|{cfg.model_slug}|{cfg.run_label}|{cfg.adapter_kind}"
         os.environ.setdefault("WANDB_RUN_ID", hashlib.sha1(ident.encode()).hexdigest()[:12])
         os.environ.setdefault("WANDB_RESUME", "allow")
         os.environ.setdefault("WANDB_DIR", str(RunPaths.from_config(cfg).run_dir))

@@ -194,8 +194,16 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
         raise ConfigError(f"no prepared training data in {paths.train_file}: run JOB=prepare (or JOB=train) first")
     if backend.device == "cuda":
         cap_gpu_memory(cfg)
-    train_ds = to_dataset(train_rows, tok, cfg)
-    p = plan(cfg, backend, len(train_rows), world_size, lengths=[len(x) for x in train_ds["input_ids"]])
+    if cfg.preference:  # issue 20: pairs, DPO/ORPO (finetune/preference.py)
+        from finetune import preference
+
+        train_ds, lengths = preference.to_dataset(train_rows, tok)
+    else:
+        train_ds = to_dataset(train_rows, tok, cfg)
+        lengths = [len(x) for x in train_ds["input_ids"]]
+    p = plan(cfg, backend, len(train_rows), world_size, lengths=lengths)
+    if cfg.preference:
+        p = preference.adjust_plan(p, cfg)
     if not is_main:
         log = lambda *a, **k: None  # noqa: E731 - one voice: rank 0 speaks for the run
     resume_from = _resume_point(cfg, paths, resume, p, log, is_main)
@@ -214,13 +222,19 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     set_seed(cfg.seed)
     model = model_lib.load_for_training(cfg, base, tok, backend, p.grad_ckpt, p.keep_layers,
                                         lora_kernels=p.lora_kernels)
+    if cfg.init_adapter:  # issue 20: DPO/ORPO from a finished adapter
+        preference.load_init_adapter(model, cfg, log)
     trainable, total = _count_params(model)
     if is_main:
         _check_disk(cfg, paths, trainable, log)
     log(banner(cfg, p, trainable, total, paths))
 
-    trainer = _build_trainer(cfg, paths, model, tok, p, train_ds,
-                             to_dataset(eval_rows, tok, cfg) if eval_rows else None, faults, log)
+    if cfg.preference:
+        trainer = preference.build_trainer(cfg, paths, model, tok, p, train_ds,
+                                           preference.to_dataset(eval_rows, tok)[0] if eval_rows else None, faults, log)
+    else:
+        trainer = _build_trainer(cfg, paths, model, tok, p, train_ds,
+                                 to_dataset(eval_rows, tok, cfg) if eval_rows else None, faults, log)
     stop = _SignalFlag()
     with stop.installed():
         try:
@@ -307,13 +321,12 @@ def banner(cfg: RunConfig, p: TrainPlan, trainable: int, total: int, paths: RunP
     ])
 
 
-def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faults: Faults, log):
+def trainer_args(cfg, paths, p: TrainPlan, eval_ds) -> dict:
+    """The TrainingArguments every objective shares (SFTConfig here, DPOConfig/ORPOConfig in finetune/preference.py)."""
     import torch
-    from trl import SFTConfig, SFTTrainer
-    from transformers import EarlyStoppingCallback
 
     cuda = p.device == "cuda"
-    args = SFTConfig(
+    return dict(
         output_dir=str(paths.checkpoints),
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
@@ -338,12 +351,7 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        run_name=f"{cfg.model_slug}_{cfg.adapter_kind}",
-        # Rows are already truncated to MAX_SEQ_LENGTH by `to_dataset`; padding-free without packing needs
-        # max_length unset (trl refuses it otherwise).
-        max_length=None if p.padding_free and not cfg.packing else cfg.max_seq_length,
-        packing=cfg.packing,
-        padding_free=p.padding_free,
+        run_name=f"{cfg.model_slug}_{cfg.adapter_kind}" + (f"_{cfg.training_objective}" if cfg.preference else ""),
         gradient_checkpointing=False,  # set on the model by model.load_for_training
         use_cpu=not cuda,
         deepspeed=deepspeed_config(cfg, p),
@@ -351,18 +359,38 @@ def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faul
         dataloader_num_workers=0,
         disable_tqdm=False,
         save_only_model=False,
-        remove_unused_columns=cfg.replay_loss != "kl",  # keep the "replay" column for the collator below
     )
-    # The fault callback runs before the seal so that a simulated crash lands between the write and the marker.
-    # One process: no host-GPU sync inside a step (_GuardedSFTTrainer). Several: trl's own loss path, whose token
-    # count is gathered across the processes.
-    no_sync = p.world_size == 1
+
+
+def trainer_callbacks(cfg, paths, p: TrainPlan, faults: Faults, log) -> list:
+    """Metrics, fault injection, sealing, signals (and early stopping): the same for every objective.
+    The fault callback runs before the seal so that a simulated crash lands between the write and the marker."""
+    from transformers import EarlyStoppingCallback
+
     callbacks = [_MetricsCallback(paths.metrics), _FaultCallback(faults), _SealCallback(cfg, paths, p, log), _SignalCallback()]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    return callbacks
+
+
+def _build_trainer(cfg, paths, model, tok, p: TrainPlan, train_ds, eval_ds, faults: Faults, log):
+    from trl import SFTConfig
+
+    args = SFTConfig(
+        **trainer_args(cfg, paths, p, eval_ds),
+        # Rows are already truncated to MAX_SEQ_LENGTH by `to_dataset`; padding-free without packing needs
+        # max_length unset (trl refuses it otherwise).
+        max_length=None if p.padding_free and not cfg.packing else cfg.max_seq_length,
+        packing=cfg.packing,
+        padding_free=p.padding_free,
+        remove_unused_columns=cfg.replay_loss != "kl",  # keep the "replay" column for the collator below
+    )
+    # One process: no host-GPU sync inside a step (_GuardedSFTTrainer). Several: trl's own loss path, whose token
+    # count is gathered across the processes.
+    no_sync = p.world_size == 1
     trainer = _GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                 processing_class=tok, callbacks=callbacks, faults=faults,
-                                 replay_weight=cfg.replay_weight, no_sync=no_sync)
+                                 processing_class=tok, callbacks=trainer_callbacks(cfg, paths, p, faults, log),
+                                 faults=faults, replay_weight=cfg.replay_weight, no_sync=no_sync)
     if cfg.replay_loss == "kl":
         trainer.data_collator = ReplayMaskCollator(trainer.data_collator)
     return trainer
@@ -556,6 +584,7 @@ class _MetricsCallback(TrainerCallback):
         rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
         if "loss" in logs:
             rec.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
+            rec.update({k: logs[k] for k in ("rewards/accuracies", "rewards/margins") if k in logs})  # dpo
         elif "eval_loss" in logs:
             rec.update(eval_loss=logs["eval_loss"])
         else:

@@ -22,6 +22,10 @@ from finetune.paths import RunPaths, atomic_dir
 
 def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
     """Run the gate over DATA_PATH with tokenizer `tok`; return the stats written to data_stats.json."""
+    if cfg.preference:  # issue 20: pairs have their own gate (finetune/data/preference.py)
+        from finetune.data import preference
+
+        return preference.prepare(cfg, paths, tok)
     fmt = cfg.data_format
     seen: dict[bytes, str] = {}
     formats: Counter = Counter()             # kept rows per format
@@ -47,6 +51,9 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
                 reject(row, f"row is a {type(row.raw).__name__}, expected a JSON object", "expected a JSON object")
                 continue
             row_fmt = detect(row.raw) if fmt == "auto" else fmt
+            if row_fmt is None and {"chosen", "rejected"} <= set(row.raw):  # issue 20
+                reject(row, "a preference pair (chosen/rejected): set TRAINING_OBJECTIVE=dpo or orpo", "preference pair")
+                continue
             if row_fmt is None:
                 keys = ", ".join(sorted(row.raw)[:6])
                 reject(row, f"unrecognised row (fields: {keys}); see README 'Data formats'", "unrecognised row")
