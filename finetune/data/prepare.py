@@ -52,7 +52,8 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
                 continue
             row_fmt = detect(row.raw) if fmt == "auto" else fmt
             if row_fmt is None and {"chosen", "rejected"} <= set(row.raw):  # issue 20
-                reject(row, "a preference pair (chosen/rejected): set TRAINING_OBJECTIVE=dpo or orpo", "preference pair")
+                reject(row, "a preference pair (chosen/rejected): set TRAINING_OBJECTIVE=dpo or orpo",
+                       "preference pair (set TRAINING_OBJECTIVE=dpo or orpo)")
                 continue
             if row_fmt is None:
                 keys = ", ".join(sorted(row.raw)[:6])
