@@ -83,10 +83,16 @@ def load_init_adapter(model, cfg: RunConfig, log=print) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, train_ds, eval_ds, faults: Faults, log):
-    if p.backend == "unsloth":  # pragma: no cover - GPU; Unsloth's patch must precede the trainer's construction
+    if p.backend == "unsloth":  # pragma: no cover - GPU
+        import os
+
         from unsloth import PatchDPOTrainer
 
+        # Unsloth's documented entry point, called before the trainer is built. (In unsloth 2026.10 it is a no-op:
+        # the trainers are patched when unsloth is imported, which choose_backend does first.) The DPO loss reads
+        # the logits of every completion token: ask Unsloth's forward for them, as the kl replay loss does.
         PatchDPOTrainer()
+        os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
     common = {**trainer_args(cfg, paths, p, eval_ds), "remove_unused_columns": False}
     callbacks = trainer_callbacks(cfg, paths, p, faults, log)
     if cfg.training_objective == "dpo":
