@@ -28,7 +28,7 @@ DEFAULT_PREFERENCE_DATA = "data/sample/preference_sample.jsonl"
 # Preference objectives (issue 20): defaults that differ from SFT's. They win over the demo presets (which are SFT's)
 # but never over a value the user set. Measured in docs/QUALITY.md ("Preference training").
 PREFERENCE_DEFAULTS = {"replay_fraction": 0.0, "eval_fraction": 0.2}
-PREFERENCE_LR = 5e-5  # LEARNING_RATE=0 with a preference objective (LoRA; seed 004's 5e-7 is for full fine-tuning)
+PREFERENCE_LR = 1e-4  # LEARNING_RATE=0 with a preference objective (LoRA; seed 004's 5e-7 is for full fine-tuning)
 
 # Variables that belong to the libraries we drive; allowed in `.env` and never treated as typos of ours.
 PASSTHROUGH = {
@@ -105,7 +105,7 @@ class RunConfig:
     # --- optimisation
     num_epochs: float = _f(3, "training epochs", demo=9)
     learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without; "
-                                 "5e-5 for TRAINING_OBJECTIVE=dpo|orpo", demo=1e-3)
+                                 "1e-4 for TRAINING_OBJECTIVE=dpo|orpo", demo=1e-3)
     batch_size: str = _f("auto", "per-device batch, or auto (8; on a GPU split into micro-batches that fit)")
     grad_accum: int = _f(1, "gradient accumulation steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
