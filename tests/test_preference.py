@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from finetune import checkpoints as ck
-from finetune.config import RunConfig
+from finetune.config import PREFERENCE_LR, RunConfig
 from finetune.data.prepare import prepare
 from finetune.errors import ConfigError, DataError, Interrupted
 from finetune.model import Backend, load_tokenizer
@@ -109,7 +109,7 @@ def test_config_preference_defaults_and_refusals(clean_env):
     cfg = RunConfig.from_env({"TRAINING_OBJECTIVE": "dpo"}, env_file=None)
     # the bundled pairs, held-out pairs, no replay, the LoRA preference learning rate, its own output folder
     assert cfg.data_path.endswith("preference_sample.jsonl") and cfg.eval_fraction > 0 and cfg.replay_fraction == 0
-    assert cfg.num_epochs == 3 and cfg.lr != RunConfig(learning_rate=0).lr
+    assert cfg.num_epochs == 3 and cfg.learning_rate == 0 and cfg.lr == PREFERENCE_LR  # not the SFT demo's 9 and 1e-3
     assert RunPaths.from_config(cfg).run_dir.name == "dpo-3"
     assert RunPaths.from_config(RunConfig()).run_dir.name == "3"
     with pytest.raises(ConfigError) as e:
