@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from finetune.config import RunConfig
-from finetune.data.preference import load, pair_ids
+from finetune.data.preference import pair_ids
 from finetune.errors import ConfigError
 from finetune.paths import RunPaths
 from finetune.train import Faults, NonFiniteLoss, TrainPlan, trainer_args, trainer_callbacks
@@ -164,7 +164,7 @@ def pair_metrics(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu"
 
     from finetune import model as model_lib
 
-    pairs = load(paths.eval_file)
+    pairs = [json.loads(l) for l in open(paths.eval_file, encoding="utf-8")] if paths.eval_file.is_file() else []
     if cfg.eval_max_questions:
         pairs = pairs[:cfg.eval_max_questions]
     if not pairs:
@@ -185,7 +185,11 @@ def pair_metrics(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu"
     beta = cfg.preference_beta
     rewards = [(beta * (t[0] - r[0]), beta * (t[1] - r[1])) for t, r in zip(tuned, ref)]
     out = {"pairs": len(pairs), "beta": beta, "reference": cfg.init_adapter or "base (adapter off)",
-           "base": _scores([(0.0, 0.0)] * len(pairs), ref), "finetuned": _scores(rewards, tuned)}
+           "base": _scores([(0.0, 0.0)] * len(pairs), ref), "finetuned": _scores(rewards, tuned),
+           # per pair: which ones the tuned model still gets wrong, and what the base thought of them
+           "per_pair": [{"id": pair.get("id"), "reward_margin": round(c - r, 4), "base_logp_margin": round(b[0] - b[1], 3),
+                         "finetuned_logp_margin": round(t[0] - t[1], 3)}
+                        for pair, (c, r), b, t in zip(pairs, rewards, ref, tuned)]}
     return out
 
 

@@ -206,12 +206,3 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
             raise DataError(f"DATA_PATH={cfg.data_path}: every kept pair went to the held-out split "
                             f"(EVAL_FRACTION={cfg.eval_fraction:g}); lower it or add pairs")
     return stats
-
-
-def load(path) -> list[dict]:
-    """Prepared pairs: the conversational columns the trainers take."""
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        return []
-    return [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in map(json.loads, open(path, encoding="utf-8"))]
