@@ -171,9 +171,8 @@ def test_dpo_from_an_sft_adapter_uses_it_as_the_reference(tmp_path, tiny_llama_d
     assert set(start) == set(end) and not (out / "ref").exists()
     assert any(not torch.equal(start[k], end[k]) for k in start)
 
-    wrong = RunConfig(**{**cfg.__dict__, "lora_rank": 4, "base_save_path": str(tmp_path / "x"),
-                         "checkpoint_path": str(tmp_path / "xc")})
-    with pytest.raises(ConfigError) as e:
+    wrong = RunConfig(**{**cfg.__dict__, "lora_rank": 4, "checkpoint_path": str(tmp_path / "xc")})
+    with pytest.raises(ConfigError) as e:  # refused before any step: the adapter of the run above is untouched
         train(wrong, RunPaths.from_config(wrong), str(tiny_llama_dir), tok, CPU, resume=False)
     assert "does not match this run's LoRA settings" in str(e.value) and "r: adapter has 16, this run 4" in str(e.value)
 
