@@ -193,3 +193,12 @@ def test_merged_dpo_model_passes_the_parity_gate_and_the_report_scores_pairs(tmp
     assert pm["finetuned"]["reward_accuracy"] >= log_lines(paths)[-1]["rewards/accuracies"] - 0.25
     assert pm["finetuned"]["reward_margin"] > 0
     assert "Preference pairs" in (paths.eval_dir / "report.md").read_text()
+
+
+def test_a_non_finite_dpo_loss_stops_before_the_optimizer_and_keeps_the_last_checkpoint(tmp_path, tiny_llama_dir):
+    from finetune.train import NonFiniteLoss
+
+    cfg, paths, tok, _ = setup_run(tmp_path, tiny_llama_dir, save_steps=1)
+    with pytest.raises(NonFiniteLoss):
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(nan_at_step=3))
+    assert ck.newest_complete(paths.checkpoints).name == "checkpoint-2"
