@@ -30,6 +30,12 @@ DATA_COLUMN_ROLES = ("question", "answer", "context")
 GGUF_FORMATS = ("f16", "bf16", "q8_0", "q4_k_m")
 DEFAULT_GGUF = "f16,q8_0"  # what JOB=export writes when EXPORT_GGUF is empty
 GEN_PRESETS = ("greedy", "factual", "balanced", "creative")  # their values: finetune/generation.py PRESETS
+OBJECTIVES = ("sft", "dpo", "orpo")
+DEFAULT_PREFERENCE_DATA = "data/sample/preference_sample.jsonl"
+# Preference objectives (issue 20): defaults that differ from SFT's. They win over the demo presets (which are SFT's)
+# but never over a value the user set. Measured in docs/QUALITY.md ("Preference training").
+PREFERENCE_DEFAULTS = {"replay_fraction": 0.0, "eval_fraction": 0.2}
+PREFERENCE_LR = 1e-4  # LEARNING_RATE=0 with a preference objective (LoRA; seed 004's 5e-7 is for full fine-tuning)
 
 # Variables of the libraries we drive: allowed in `.env` (exported to the process there, where the libraries look)
 # and in the environment, and never treated as typos of ours.
@@ -95,6 +101,14 @@ class RunConfig:
     rapa_cache: str = _f("", "cache folder (the converted bundled model, base-model replay and eval answers); "
                          "default $XDG_CACHE_HOME/rapa, else ~/.cache/rapa")
     overwrite: bool = _f(False, "JOB=train over existing checkpoints/outputs starts over instead of refusing")
+    # --- objective (issue 20): preference training runs through the same stages and output tree
+    training_objective: str = _f("sft", "sft | dpo | orpo: supervised answers, or preference pairs (prompt, chosen, "
+                                 "rejected) with DPO (reference = the base with the adapter off) or ORPO (no reference)",
+                                 OBJECTIVES)
+    init_adapter: str = _f("", "dpo/orpo: start from this finished adapter of the same base (e.g. an SFT run's "
+                           "lora_adapters/); it is also DPO's reference. Empty: a fresh adapter on the base")
+    preference_beta: float = _f(0.1, "dpo: beta, the strength of the pull towards the reference; orpo: lambda, the "
+                                "weight of the odds-ratio term")
     # --- model and adapter
     # The bundled 135M model fits in 1 GB, and NF4 alone costs it 10 of the 24 probe answers it knew
     # (docs/QUALITY.md): QLoRA buys it nothing and loses knowledge, so it trains with plain LoRA unless told.
@@ -125,10 +139,11 @@ class RunConfig:
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))
     data_max_reject_fraction: float = _f(0.1, "stop with exit 3 when more than this fraction of rows is rejected")
     data_strict: bool = _f(False, "stop at the first bad row")
-    eval_fraction: float = _f(0.0, "held-out fraction for eval loss; 0 evaluates on the training questions (seed 000)")
+    eval_fraction: float = _f(0.0, "held-out fraction for eval loss; 0 evaluates on the training questions (seed 000); "
+                                "dpo/orpo default to 0.2 (held-out pairs)")
     packing: bool = _f(False, "pack rows into MAX_SEQ_LENGTH sequences without cross-row attention")
     replay_fraction: float = _f(1.0, "self-distilled replay rows (base model's own answers) per user row, up to "
-                                "the pool's size; 0 = off", demo=1.6)
+                                "the pool's size; 0 = off (and the default for dpo/orpo)", demo=1.6)
     replay_loss: str = _f("auto", "auto | sft | kl: train replay rows on the base's greedy answers (sft), or on the base "
                           "model's whole next-token distribution (kl: one extra no-grad forward per batch); auto = kl on "
                           "a CPU, sft on a GPU (kl's full-vocabulary logits are not in the GPU memory plan yet)",
@@ -137,7 +152,8 @@ class RunConfig:
                               "(higher keeps the model closer to the base)")
     # --- optimisation
     num_epochs: float = _f(3, "training epochs", demo=9)
-    learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without", demo=1e-3)
+    learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without; "
+                                 "1e-4 for TRAINING_OBJECTIVE=dpo|orpo", demo=1e-3)
     batch_size: str = _f("auto", "per-device batch, or auto (8; on a GPU split into micro-batches that fit)")
     grad_accum: int = _f(1, "gradient accumulation steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -209,9 +225,15 @@ class RunConfig:
         return "qlora" if self.use_qlora else "lora"
 
     @property
+    def preference(self) -> bool:
+        return self.training_objective != "sft"
+
+    @property
     def lr(self) -> float:
         if self.learning_rate > 0:
             return self.learning_rate
+        if self.preference:  # LoRA preference training (docs/QUALITY.md, "Preference training")
+            return PREFERENCE_LR
         return 1e-4 if self.use_qlora else 5e-6
 
     @property
@@ -220,6 +242,12 @@ class RunConfig:
         if not self.data_columns.strip():
             return None
         return dict((k.strip(), v.strip()) for k, _, v in (item.partition("=") for item in self.data_columns.split(",")))
+
+    @property
+    def run_label(self) -> str:
+        """The output tree's per-run folder: the epochs, prefixed by the objective when it is not SFT (a DPO run
+        over an SFT run's adapter must not land in that run's folder)."""
+        return self.epochs_label if not self.preference else f"{self.training_objective}-{self.epochs_label}"
 
     @property
     def epochs_label(self) -> str:
@@ -233,7 +261,8 @@ class RunConfig:
         """The fields a resume must not change (it would train a different thing)."""
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
                 "grad_accum", "data_format", "data_columns", "qa_with_context", "train_on_inputs", "chat_template", "packing",
-                "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout")
+                "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout",
+                "training_objective", "init_adapter", "preference_beta")
         out = {k: getattr(self, k) for k in keys}
         if self.base_precision != "auto":  # absent under auto, so checkpoints from before it resume unchanged
             out["base_precision"] = self.base_precision
@@ -273,6 +302,14 @@ class RunConfig:
         # REPLAY_LOSS=auto is checked once the device resolves it (finetune/plan.py), by the same rule.
         replay_problem = replay_weight_problem(self.replay_weight, self.replay_loss)
         need(replay_problem is None, replay_problem or "")
+        need(not (self.preference and self.replay_fraction > 0),
+             f"REPLAY_FRACTION={self.replay_fraction:g}: replay rows are SFT rows; TRAINING_OBJECTIVE="
+             f"{self.training_objective} keeps the model near its reference through its own loss: set REPLAY_FRACTION=0")
+        need(not (self.init_adapter and not self.preference),
+             f"INIT_ADAPTER={self.init_adapter}: only TRAINING_OBJECTIVE=dpo or orpo starts from an adapter")
+        need(not (self.preference and self.packing), f"PACKING=true: TRAINING_OBJECTIVE={self.training_objective} "
+             "trains on pairs, which are not packed")
+        need(0 < self.preference_beta <= 10, f"PREFERENCE_BETA={self.preference_beta:g}: must be in (0, 10]")
         need(self.max_steps == -1 or self.max_steps >= 1, f"MAX_STEPS={self.max_steps}: must be -1 or >= 1")
         need(self.eval_steps >= 0, f"EVAL_STEPS={self.eval_steps}: must be >= 0")
         need(not (self.eval_steps and self.eval_fraction == 0),
@@ -383,11 +420,18 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike |
     user_set = {k for k in names if merged.get(k, "") != ""}
     embedded = "BASE_MODEL_NAME" not in user_set
     demo = embedded and "DATA_PATH" not in user_set
+    preference = merged.get("TRAINING_OBJECTIVE", "sft").strip() in OBJECTIVES[1:]
     values: dict[str, Any] = {}
     for name, f in names.items():
         raw = merged.get(name, "")
         if raw == "":
-            if demo and f.metadata.get("demo") is not None:
+            if preference and f.name in PREFERENCE_DEFAULTS:
+                values[f.name] = PREFERENCE_DEFAULTS[f.name]
+            elif preference and demo and f.name == "data_path":
+                values[f.name] = DEFAULT_PREFERENCE_DATA
+            elif preference and f.name in ("num_epochs", "learning_rate"):
+                continue  # the SFT demo's preset is not the preference one
+            elif demo and f.metadata.get("demo") is not None:
                 values[f.name] = f.metadata["demo"]
             elif embedded and f.metadata.get("embedded") is not None:
                 values[f.name] = f.metadata["embedded"]

@@ -131,6 +131,10 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
                           "probe_preds": probe_preds}
 
     report = _report(cfg, paths, qs, pr, results)
+    if cfg.preference:  # issue 20: held-out pairs, base and fine-tuned
+        from finetune.preference import pair_metrics
+
+        report["preference"] = pair_metrics(cfg, paths, base, device, log)
     _write(paths, report)
     log(summary(report, paths))
     return report
@@ -213,5 +217,9 @@ def summary(report: dict, paths: RunPaths) -> str:
     if r and r["of"]:
         lines.append(f"[evaluate] retention: {r['kept']}/{r['of']} general questions the base knew are still right "
                      f"({r['fraction']:.0%})")
+    if report.get("preference"):
+        from finetune.preference import summary as preference_summary
+
+        lines.append(preference_summary(report["preference"]))
     lines.append(f"[evaluate] report: {paths.eval_dir / 'report.md'}")
     return "\n".join(lines)

@@ -315,12 +315,12 @@ def _unsloth_block_compile(on: bool):
     return _env_switch("UNSLOTH_BLOCK_COMPILE_LEGACY", None if on else "0")
 
 
-def training_switches(backend: Backend, replay_loss: str):
+def training_switches(backend: Backend, needs_logits: bool):
     """Library switches read from the environment while a model trains; the train stage runs inside this and the
     process environment is as it was afterwards. Unsloth's fused loss returns no logits unless told, and the KL
-    replay loss needs them (Unsloth reads the switch at every forward, so it stays set for the whole stage)."""
-    kl = backend.name == "unsloth" and replay_loss == "kl"
-    return _env_switch("UNSLOTH_RETURN_LOGITS", "1" if kl else None)
+    replay loss and the DPO/ORPO losses need them (Unsloth reads the switch at every forward, so it stays set for
+    the whole stage)."""
+    return _env_switch("UNSLOTH_RETURN_LOGITS", "1" if backend.name == "unsloth" and needs_logits else None)
 
 
 @contextlib.contextmanager

@@ -14,15 +14,15 @@ from finetune.errors import ResourceError
 
 @dataclass(frozen=True)
 class RunPaths:
-    run_dir: Path          # <BASE_SAVE_PATH>/<model>/<epochs>
+    run_dir: Path          # <BASE_SAVE_PATH>/<model>/<epochs> (<objective>-<epochs> for dpo/orpo)
     checkpoints: Path      # <CHECKPOINT_PATH> or checkpoints/<model>/<epochs>/<qlora|lora>
     kind: str              # qlora | lora
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> "RunPaths":
-        run_dir = Path(cfg.base_save_path) / cfg.model_slug / cfg.epochs_label
+        run_dir = Path(cfg.base_save_path) / cfg.model_slug / cfg.run_label
         ckpt = Path(cfg.checkpoint_path) if cfg.checkpoint_path else (
-            Path("checkpoints") / cfg.model_slug / cfg.epochs_label / cfg.adapter_kind)
+            Path("checkpoints") / cfg.model_slug / cfg.run_label / cfg.adapter_kind)
         return cls(run_dir=run_dir, checkpoints=ckpt, kind=cfg.adapter_kind)
 
     # --- prepared data (prepare -> train, evaluate)

@@ -105,7 +105,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
 
             tok, _ = model_lib.load_tokenizer(base, cfg)
             replay_loss = resolve_replay_loss(cfg, backend.device)
-            with model_lib.training_switches(backend, replay_loss):
+            with model_lib.training_switches(backend, needs_logits=replay_loss == "kl" or cfg.preference):
                 adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
                                  world_size=dist.world_size, is_main=dist.is_main)
             record["replay_loss"] = replay_loss  # as the plan resolved it
@@ -182,7 +182,7 @@ def _setup_tracking(cfg: RunConfig) -> None:
         # One wandb run per output run: a resume continues it instead of starting another.
         import hashlib
 
-        ident = f"{cfg.base_save_path}|{cfg.model_slug}|{cfg.epochs_label}|{cfg.adapter_kind}"
+        ident = f"{cfg.base_save_path}|{cfg.model_slug}|{cfg.run_label}|{cfg.adapter_kind}"
         os.environ.setdefault("WANDB_RUN_ID", hashlib.sha1(ident.encode()).hexdigest()[:12])
         os.environ.setdefault("WANDB_RESUME", "allow")
         os.environ.setdefault("WANDB_DIR", str(RunPaths.from_config(cfg).run_dir))

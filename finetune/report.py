@@ -44,6 +44,15 @@ def markdown(report: dict, png: Path | None) -> str:
     for k in ("rouge1", "rouge2", "rougeL"):
         lines.append(f"| {k.upper().replace('ROUGE', 'ROUGE-')} | {b['rouge'][k]:.3f} | {f['rouge'][k]:.3f} |")
     lines.append(f"| questions | {b['n']} | {f['n']} |")
+    pm = report.get("preference")
+    if pm:  # issue 20
+        b, f = pm["base"], pm["finetuned"]
+        lines += ["", f"## Preference pairs ({pm['pairs']} held out; reference: {pm['reference']}, beta {pm['beta']:g})", "",
+                  "| metric | base | fine-tuned |", "|---|---|---|",
+                  f"| preference accuracy (implicit reward prefers chosen) | {b['reward_accuracy']:.1%} | {f['reward_accuracy']:.1%} |",
+                  f"| mean reward margin | {b['reward_margin']:.3f} | {f['reward_margin']:.3f} |",
+                  f"| log-likelihood prefers chosen | {b['logp_accuracy']:.1%} | {f['logp_accuracy']:.1%} |",
+                  f"| mean log-likelihood margin | {b['logp_margin']:.2f} | {f['logp_margin']:.2f} |"]
     r = report.get("retention")
     if r:
         frac = f"{r['fraction']:.1%}" if r["fraction"] is not None else "n/a"

@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import set_seed
 
-from finetune import checkpoints, mfu, model as model_lib, portable
+from finetune import checkpoints, mfu, model as model_lib, portable, preference
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
 from finetune.errors import ConfigError, Interrupted, ResourceError
@@ -44,11 +44,18 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     # The dataset before the plan: the plan sizes micro-batches from the tokenised lengths. Replay rows are flagged
     # for the kl loss, which REPLAY_LOSS=auto takes on some devices only (resolved as the plan resolves it).
     replay_loss = resolve_replay_loss(cfg, backend.device)
-    train_ds = to_dataset(train_rows, tok, cfg, replay_loss)
-    eval_ds = to_dataset(eval_rows, tok, cfg, replay_loss) if eval_rows else None
+    if cfg.preference:  # pairs for DPO/ORPO (finetune/preference.py); lengths count prompt + both answers
+        train_ds, lengths = preference.to_dataset(train_rows, tok)
+        eval_ds = preference.to_dataset(eval_rows, tok)[0] if eval_rows else None
+    else:
+        train_ds = to_dataset(train_rows, tok, cfg, replay_loss)
+        eval_ds = to_dataset(eval_rows, tok, cfg, replay_loss) if eval_rows else None
+        lengths = [len(x) for x in train_ds["input_ids"]]
     # The plan: the model's shape and the card's memory are measured here, once; the planner touches neither.
-    p = plan(cfg, backend, len(train_rows), world_size, lengths=[len(x) for x in train_ds["input_ids"]],
+    p = plan(cfg, backend, len(train_rows), world_size, lengths=lengths,
              shape=model_lib.model_shape(base) if backend.device == "cuda" else None, gpu_memory=backend.gpu_memory())
+    if cfg.preference:
+        p = preference.adjust_plan(p, cfg)
     # The resume point after the plan: a checkpoint must match the plan's fingerprint and process count, and it
     # keeps the optimizer its state belongs to.
     resume_from = _resume_point(cfg, paths, resume, p, log, is_main)
@@ -56,10 +63,10 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
         p = _keep_checkpoint_optimizer(p, resume_from, backend, log)
     # The model only now: everything above can refuse the run in seconds.
     model = _load_model(cfg, paths, base, tok, backend, p, log, is_main)
-    speed = speed_meter(cfg, backend, model, [len(x) for x in train_ds["input_ids"]], p.world_size)
+    speed = speed_meter(cfg, backend, model, lengths, p.world_size)
     log(speed.describe())
-    trainer = build_trainer(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks,
-                            speed=speed)
+    build = preference.build_trainer if cfg.preference else build_trainer
+    trainer = build(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks, speed=speed)
     _run(trainer, resume_from, p, paths, log)
     return _save_adapter(cfg, paths, trainer, tok, p, is_main)
 
@@ -70,6 +77,8 @@ def _load_model(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_
         cap_gpu_memory(cfg)  # before the first allocation
     set_seed(cfg.seed)  # LoRA initialisation draws from it
     model = model_lib.load_for_training(cfg, base, tok, backend, p)
+    if cfg.init_adapter:  # DPO/ORPO from a finished adapter
+        preference.load_init_adapter(model, cfg, log)
     trainable, total = count_params(model)
     if is_main:  # the checkpoints' size is known once the adapter exists; still before the first step
         _check_disk(cfg, paths, trainable, log)

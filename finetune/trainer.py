@@ -42,8 +42,31 @@ def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, tra
     injection, tests/faults.py). They run after the trainer has written a checkpoint and before it is sealed, so
     something they do there lands between the write and the COMPLETE marker.
     """
-    cuda = p.device == "cuda"
     args = SFTConfig(
+        **trainer_args(cfg, paths, p, eval_ds),
+        # Rows are already truncated to MAX_SEQ_LENGTH by the stage's dataset; padding-free without packing needs
+        # max_length unset (trl refuses it otherwise).
+        max_length=None if p.padding_free and not cfg.packing else cfg.max_seq_length,
+        packing=cfg.packing,
+        padding_free=p.padding_free,
+        remove_unused_columns=p.replay_loss != "kl",  # keep the "replay" column for the collator below
+    )
+    # One process: no host-GPU sync inside a step (GuardedSFTTrainer). Several: trl's own loss path, whose token
+    # count is gathered across the processes.
+    no_sync = p.world_size == 1
+    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                                callbacks=trainer_callbacks(cfg, paths, p, log, speed, extra_callbacks),
+                                replay_weight=cfg.replay_weight,
+                                no_sync=no_sync)
+    if p.replay_loss == "kl":
+        trainer.data_collator = ReplayMaskCollator(trainer.data_collator)
+    return trainer
+
+
+def trainer_args(cfg: RunConfig, paths: RunPaths, p: TrainPlan, eval_ds) -> dict:
+    """The TrainingArguments every objective shares (SFTConfig here, DPOConfig/ORPOConfig in finetune/preference.py)."""
+    cuda = p.device == "cuda"
+    return dict(
         output_dir=str(paths.checkpoints),
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
@@ -68,12 +91,7 @@ def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, tra
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[] if cfg.report_to == "none" else [cfg.report_to],
-        run_name=f"{cfg.model_slug}_{cfg.adapter_kind}",
-        # Rows are already truncated to MAX_SEQ_LENGTH by the stage's dataset; padding-free without packing needs
-        # max_length unset (trl refuses it otherwise).
-        max_length=None if p.padding_free and not cfg.packing else cfg.max_seq_length,
-        packing=cfg.packing,
-        padding_free=p.padding_free,
+        run_name=f"{cfg.model_slug}_{cfg.adapter_kind}" + (f"_{cfg.training_objective}" if cfg.preference else ""),
         gradient_checkpointing=False,  # set on the model by model.load_for_training
         use_cpu=not cuda,
         deepspeed=deepspeed_config(cfg, p),
@@ -81,21 +99,18 @@ def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, tra
         dataloader_num_workers=0,
         disable_tqdm=False,
         save_only_model=False,
-        remove_unused_columns=p.replay_loss != "kl",  # keep the "replay" column for the collator below
     )
-    # One process: no host-GPU sync inside a step (GuardedSFTTrainer). Several: trl's own loss path, whose token
-    # count is gathered across the processes.
-    no_sync = p.world_size == 1
-    callbacks = [_MetricsCallback(paths.metrics, speed, log), *extra_callbacks, _SealCallback(cfg, paths, p, log), _SignalCallback()]
+
+
+def trainer_callbacks(cfg: RunConfig, paths: RunPaths, p: TrainPlan, log=print, speed: "SpeedMeter | None" = None,
+                      extra_callbacks: tuple | list = ()) -> list:
+    """Metrics, instrumentation, sealing, signals (and early stopping): the same for every objective. Extra callbacks
+    run before the seal, so that something they do on save lands between the write and the marker."""
+    callbacks = [_MetricsCallback(paths.metrics, speed, log), *extra_callbacks, _SealCallback(cfg, paths, p, log),
+                 _SignalCallback()]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                processing_class=tok, callbacks=callbacks, replay_weight=cfg.replay_weight,
-                                no_sync=no_sync)
-    if p.replay_loss == "kl":
-        trainer.data_collator = ReplayMaskCollator(trainer.data_collator)
-    return trainer
-
+    return callbacks
 
 def deepspeed_config(cfg: RunConfig, p: TrainPlan) -> str | None:
     """DeepSpeed for several GPUs (ZeRO-2 by default for LoRA); plain DDP on CPUs (gloo)."""
@@ -293,6 +308,7 @@ class _MetricsCallback(TrainerCallback):
         if "loss" in logs:
             rec.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
                        **self._throughput(logs))
+            rec.update({k: logs[k] for k in ("rewards/accuracies", "rewards/margins") if k in logs})  # dpo
         elif "eval_loss" in logs:
             rec.update(eval_loss=logs["eval_loss"])
         else:

@@ -43,6 +43,10 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
 
     When the gate stops the run, data/ holds the evidence (rejected.jsonl, data_stats.json with the reason) and
     no train/eval files, so no later stage can train on data that failed the gate."""
+    if cfg.preference:  # pairs have their own gate (finetune/data/preference.py)
+        from finetune.data import preference
+
+        return preference.prepare(cfg, paths, tok)
     source = Source.open(cfg.data_path)
     tally = _Tally()
     stop: DataError | None = None
@@ -93,6 +97,10 @@ def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally) ->
             reject(row, f"row is a {type(row.raw).__name__}, expected a JSON object", "expected a JSON object")
             continue
         row_fmt = "qa" if cfg.columns else detect(row.raw) if cfg.data_format == "auto" else cfg.data_format
+        if row_fmt is None and {"chosen", "rejected"} <= set(row.raw):
+            reject(row, "a preference pair (chosen/rejected): set TRAINING_OBJECTIVE=dpo or orpo",
+                   "preference pair (set TRAINING_OBJECTIVE=dpo or orpo)")
+            continue
         if row_fmt is None:
             keys = ", ".join(map(str, sorted(row.raw, key=str)[:6]))
             reject(row, f"unrecognised row (fields: {keys}); see README 'Data formats' (or set DATA_COLUMNS)", "unrecognised row")
