@@ -21,7 +21,8 @@ from collections import Counter
 from typing import Any
 
 from finetune.config import RunConfig
-from finetune.data.formats import ROLES, RowError, iter_raw_rows
+from finetune.data.formats import ROLES, RowError
+from finetune.data.readers import Source
 from finetune.data.tokenize import TemplateError, render
 from finetune.errors import ConfigError, DataError
 from finetune.paths import RunPaths, atomic_dir
@@ -142,7 +143,8 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
             if cfg.data_strict:
                 raise DataError(f"{row.where}: {reason} (DATA_STRICT=1 stops at the first bad row)")
 
-        for row in iter_raw_rows(cfg.data_path):
+        source = Source.open(cfg.data_path)
+        for row in source.rows():
             n_in += 1
             if row.error:
                 reject(row, row.error, row.error.split(" (")[0])
@@ -195,8 +197,10 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
                     files["eval"].write(record)
         for fh in files.values():
             fh.close()
-        n_rej = sum(reasons.values())
-        stats = sft._stats(cfg, "preference", n_in, n_train, n_eval, n_rej, truncated, reasons, lengths, completion)
+        tally = sft._Tally(n_in=n_in, n_train=n_train, n_eval=n_eval, truncated=truncated, formats=formats,
+                           reasons=reasons, lengths=lengths, supervised=completion)
+        stats = sft._stats(cfg, source, tally)
+        stats["format"], stats["format_from"] = "preference", "TRAINING_OBJECTIVE"
         stats["objective"] = cfg.training_objective
         stats["preference_formats"] = dict(formats)
         stats["answer_tokens_per_pair"] = stats.pop("supervised_tokens_per_row")
