@@ -62,7 +62,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int) -> None:
     import torch
     from transformers import TrainerCallback, set_seed
 
-    from finetune import preference, train as train_lib
+    from finetune import plan as plan_lib, preference
     from finetune.data import preference as pdata
     from finetune.paths import RunPaths
 
@@ -74,15 +74,16 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int) -> None:
     result["data"] = {k: stats[k] for k in ("kept", "rejected", "truncated", "tokens")}
     rows = [json.loads(l) for l in open(paths.train_file, encoding="utf-8")]
     ds, lengths = preference.to_dataset(rows, tok)
-    p = preference.adjust_plan(train_lib.plan(cfg, backend, len(rows), lengths=lengths), cfg)
+    base = model_lib.resolve_base(cfg)
+    p = preference.adjust_plan(plan_lib.plan(cfg, backend, len(rows), lengths=lengths, shape=model_lib.model_shape(base),
+                                             gpu_memory=backend.gpu_memory()), cfg)
     result["plan"] = {"micro_batch": p.micro_batch, "grad_accum": p.grad_accum, "grad_ckpt": p.grad_ckpt,
                       "optim": p.optim, "lora_kernels": p.lora_kernels}
     set_seed(cfg.seed)
     t0 = time.time()
-    model = model_lib.load_for_training(cfg, model_lib.resolve_base(cfg), tok, backend, p.grad_ckpt, p.keep_layers,
-                                        lora_kernels=p.lora_kernels)
+    model = model_lib.load_for_training(cfg, base, tok, backend, p)
     result["load_s"] = round(time.time() - t0, 1)
-    trainer = preference.build_trainer(cfg, paths, model, tok, p, ds, None, train_lib.Faults(), print)
+    trainer = preference.build_trainer(cfg, paths, model, tok, p, ds, None)
     marks: list[tuple[float, int]] = []
 
     losses: list[float] = []
