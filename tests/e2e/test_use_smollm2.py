@@ -159,14 +159,14 @@ def test_chat_in_a_terminal_streams_remembers_the_conversation_and_resets(traine
 
 def test_chat_system_prompt_reaches_the_model(trained):
     tmp, env, run = trained
-    system = "You are a pirate. Answer like a pirate."
-    conv = [{"role": "system", "content": system}] + user("What is the capital of France?")
-    expect, without = greedy(run / "qlora_merged", [conv, user("What is the capital of France?")], 16)
+    system = "You are Captain Hook, a pirate."
+    conv = [{"role": "system", "content": system}] + user("Who are you?")
+    expect, without = greedy(run / "qlora_merged", [conv, user("Who are you?")], 16)
     assert expect != without
     term = Terminal(tmp, **env, GEN_PRESET="greedy", MAX_NEW_TOKENS=16, SYSTEM_PROMPT=system)
     try:
         term.read_until("you> ")
-        assert term.say("What is the capital of France?") == expect
+        assert term.say("Who are you?") == expect
         os.write(term.master, b"\x04")  # Ctrl-D leaves as /exit does
         assert term.proc.wait(timeout=60) == 0
     finally:
