@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.e2e.helpers import transformers4_python  # noqa: E402
 from tests.e2e.test_use_smollm2 import QUESTIONS, probe  # noqa: E402
 
-QS = QUESTIONS[:4] + ["1847년에 무슨 일이 있었나요?", "What is the capital of France?", "Name three primary colours."]
+QS = QUESTIONS[:4] + ["1847년에 무슨 일이 있었나요?", "What is the capital of France?",
+                     "Name three primary colours."]
 
 if __name__ == "__main__":
     folder = sys.argv[1]
