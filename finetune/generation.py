@@ -32,8 +32,8 @@ class Sampling:
     def describe(self) -> str:
         if self.temperature == 0:
             return f"greedy, repetition_penalty {self.repetition_penalty:g}, max {self.max_new_tokens} new tokens"
-        return (f"temperature {self.temperature:g}, top_p {self.top_p:g}, repetition_penalty {self.repetition_penalty:g}, "
-                f"max {self.max_new_tokens} new tokens")
+        return (f"temperature {self.temperature:g}, top_p {self.top_p:g}, "
+                f"repetition_penalty {self.repetition_penalty:g}, max {self.max_new_tokens} new tokens")
 
 
 PRESETS: dict[str, Sampling] = {

@@ -88,7 +88,8 @@ def test_transformers4_keys_are_added_and_transformers5_reads_the_same(tmp_path,
     before = AutoConfig.from_pretrained(folder).rope_parameters
     for_transformers4(folder)
     c = json.loads((folder / "config.json").read_text())
-    assert c["rope_theta"] == 100000.0 and c["rope_scaling"]["rope_type"] == "llama3" and "rope_theta" not in c["rope_scaling"]
+    assert c["rope_theta"] == 100000.0 and c["rope_scaling"]["rope_type"] == "llama3"
+    assert "rope_theta" not in c["rope_scaling"]
     assert AutoConfig.from_pretrained(folder).rope_parameters == before
     t = json.loads((folder / "tokenizer_config.json").read_text())
     assert t["tokenizer_class"] == "PreTrainedTokenizerFast"

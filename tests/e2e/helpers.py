@@ -68,8 +68,8 @@ def transformers4_python() -> Path:
             subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
             # torch as pinned in requirements.txt (pip's configuration finds the CPU wheel, as for .venv);
             # transformers 4 brings its own tokenizers and hub client.
-            r = subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", f"transformers=={TRANSFORMERS4}"],
-                               capture_output=True, text=True)
+            r = subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0",
+                                f"transformers=={TRANSFORMERS4}"], capture_output=True, text=True)
             assert r.returncode == 0, f"could not build the transformers {TRANSFORMERS4} venv:\n{r.stderr[-3000:]}"
             (venv / ".ready").write_text(TRANSFORMERS4 + "\n")
     return python

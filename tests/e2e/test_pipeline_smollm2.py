@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import qa_rows, write_jsonl
-from tests.e2e.helpers import ROOT, probe_file, read_jsonl, run_sh
+from tests.e2e.helpers import read_jsonl, run_sh
 
 pytestmark = pytest.mark.e2e
 

@@ -121,7 +121,9 @@ class Terminal:
         start = len(self.screen)
         os.write(self.master, (line + "\n").encode())
         shown = self.read_until("you> ", start + len(line))
-        return shown.split("model> ", 1)[1].rsplit("you> ", 1)[0].replace("\r", "").strip() if "model> " in shown else shown
+        if "model> " not in shown:
+            return shown
+        return shown.split("model> ", 1)[1].rsplit("you> ", 1)[0].replace("\r", "").strip()
 
     def close(self):
         if self.proc.poll() is None:
@@ -159,14 +161,14 @@ def test_chat_in_a_terminal_streams_remembers_the_conversation_and_resets(traine
 
 def test_chat_system_prompt_reaches_the_model(trained):
     tmp, env, run = trained
-    system = "You are a pirate. Answer like a pirate."
-    conv = [{"role": "system", "content": system}] + user("What is the capital of France?")
-    expect, without = greedy(run / "qlora_merged", [conv, user("What is the capital of France?")], 16)
+    system = "You are Captain Hook, a pirate."
+    conv = [{"role": "system", "content": system}] + user("Who are you?")
+    expect, without = greedy(run / "qlora_merged", [conv, user("Who are you?")], 16)
     assert expect != without
     term = Terminal(tmp, **env, GEN_PRESET="greedy", MAX_NEW_TOKENS=16, SYSTEM_PROMPT=system)
     try:
         term.read_until("you> ")
-        assert term.say("What is the capital of France?") == expect
+        assert term.say("Who are you?") == expect
         os.write(term.master, b"\x04")  # Ctrl-D leaves as /exit does
         assert term.proc.wait(timeout=60) == 0
     finally:
@@ -208,8 +210,8 @@ def test_serve_answers_the_openai_client_and_stops_cleanly_on_sigterm(trained):
         pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
         assert len([p for p in pieces if p]) > 1 and "".join(pieces).strip() == reply.choices[0].message.content.strip()
         # A request's temperature samples (the served defaults carry GEN_PRESET's do_sample): seeds give other stories.
-        stories = {client.chat.completions.create(model="qlora_merged", messages=user("Tell me a story."), max_tokens=12,
-                                                  temperature=1.0, seed=seed).choices[0].message.content
+        stories = {client.chat.completions.create(model="qlora_merged", messages=user("Tell me a story."),
+                                                  max_tokens=12, temperature=1.0, seed=seed).choices[0].message.content
                    for seed in range(4)}
         assert len(stories) > 1
     finally:
@@ -274,4 +276,5 @@ def test_adapter_names_its_base_by_its_hub_id_and_our_stages_still_find_the_loca
     # The run that wrote it merged (through the parity gate) and evaluated from that adapter afterwards.
     stages = json.loads((run / "run.json").read_text())["stages"]
     assert stages["merge"]["status"] == stages["evaluate"]["status"] == "ok"
-    assert json.loads((run / "qlora_merged/tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tok_cfg = json.loads((run / "qlora_merged/tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
