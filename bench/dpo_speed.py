@@ -135,11 +135,15 @@ def main() -> None:
     for name in a.arms.split(","):
         js = a.out / f"dpo_{name}.json"
         cmd = [sys.executable, __file__, "arm", name, "--model", str(a.model), "--json", str(js), "--steps", str(a.steps)]
+        log = a.out / f"dpo_{name}.log"  # the arm's whole output: a failure's trace must come back
         try:
-            rc = subprocess.run(cmd, timeout=a.arm_timeout).returncode
+            with open(log, "w") as fh:
+                rc = subprocess.run(cmd, timeout=a.arm_timeout, stdout=fh, stderr=subprocess.STDOUT).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
         summary[name] = {**(json.loads(js.read_text()) if js.is_file() else {}), "rc": rc}
+        if rc != 0:
+            summary[name]["log_tail"] = log.read_text(errors="replace")[-3000:]
     if all("tokens_per_s" in summary.get(n, {}) for n in ("unsloth", "hf")):
         summary["unsloth_over_hf"] = round(summary["unsloth"]["tokens_per_s"] / summary["hf"]["tokens_per_s"], 3)
     (a.out / "dpo_summary.json").write_text(json.dumps(summary, indent=1))
