@@ -175,6 +175,8 @@ class RunConfig:
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
     deepspeed_config: str = _f("", "DeepSpeed JSON for several GPUs (default: configs/deepspeed/zero2.json)")
+    dist_timeout_minutes: float = _f(30.0, "several processes: a collective (gradient all-reduce, barrier) that waits "
+                                     "longer than this on a hung rank fails the job instead of hanging it")
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -266,6 +268,8 @@ class RunConfig:
              f"offload or auto, not {self.gradient_checkpointing}")
         need(self.max_gpu_memory >= 0, f"MAX_GPU_MEMORY={self.max_gpu_memory}: must be >= 0 (GB)")
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
+        need(0 < self.dist_timeout_minutes <= 24 * 60,
+             f"DIST_TIMEOUT_MINUTES={self.dist_timeout_minutes:g}: must be in (0, 1440] (a fraction is allowed)")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")
         mods = [m.strip() for m in self.target_modules.split(",")]
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
