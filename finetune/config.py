@@ -36,6 +36,9 @@ PASSTHROUGH = {
     "WANDB_API_KEY", "WANDB_ENTITY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_BASE_URL", "HF_TOKEN",
     "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
     "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "RAPA_CALLER_DIR",
+    # NCCL and its torch watchdog (README, "Several GPUs and several nodes"): read when the process group starts
+    "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT",
+    "TORCH_NCCL_ENABLE_MONITORING", "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC",
 }
 # run.sh's launcher settings: honoured from the environment or `.env` through `--launch-plan`; not RunConfig fields
 # because they choose how processes start, not what a run computes. name -> (default, help)
