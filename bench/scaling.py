@@ -159,7 +159,7 @@ class Bench:
                 self.res["summary"].setdefault(kind, {})[n] = {"tok_s": ts, "efficiency": eff}
 
     def loss(self) -> None:
-        for n in (1, self.a.procs[-1]):
+        for n in self.a.loss_procs or (1, self.a.procs[-1]):
             name = f"loss_{n}"
             if self.left() < self.a.arm_budget * 2:
                 self.res["skipped"].append(name)
@@ -240,7 +240,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="steps of a scale arm (throughput from the end of --skip)")
     ap.add_argument("--skip", type=int, default=3)
     ap.add_argument("--loss-steps", type=int, default=30)
-    ap.add_argument("--loss-batch", type=int, default=16)
+    ap.add_argument("--loss-batch", type=int, default=8, help="the effective batch of the loss, sigterm and nodes arms")
+    ap.add_argument("--loss-procs", default="", help="the loss arms' process counts (default: 1 and the most); "
+                    "sigterm and nodes compare with the one of the most")
     ap.add_argument("--kill-at", type=int, default=10, help="sigterm/nodes: SIGTERM once this many steps are logged")
     ap.add_argument("--deadline", type=float, default=560, help="seconds; arms that would not fit are skipped")
     ap.add_argument("--arm-budget", type=float, default=45, help="seconds one arm is assumed to need at least")
@@ -251,6 +253,7 @@ def main() -> int:
         a.loss_steps, a.loss_batch, a.kill_at, a.arm_budget, a.steps = 8, 4, 3, 5, 8
     a.procs = [int(x) for x in str(a.procs).split(",")]
     a.kinds = [k for k in str(a.kinds).split(",") if k]
+    a.loss_procs = [int(x) for x in a.loss_procs.split(",") if x]
     if a.cpu:
         KINDS["zero2_lora"] = dict(USE_QLORA="false", LEARNING_RATE="5e-3")  # plain DDP on gloo: no DeepSpeed on a CPU
     b = Bench(a)

@@ -7,7 +7,10 @@
 set -u
 OUTDIR="${1:-${OUT:-/tmp/scaling_logs}}"; shift || true
 mkdir -p "$OUTDIR"
-source "$(dirname "$0")/multi_gpu_setup.sh"   # DeepSpeed into /tmp/site, the model in $M
 export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then  # the pinned wheels, where the image lacks them (../shared/tools/device-wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+source "$(dirname "$0")/multi_gpu_setup.sh"   # DeepSpeed into /tmp/site, the model in $M
 nvidia-smi topo -m > "$OUTDIR/topo.txt" 2>&1
 python3 bench/scaling.py --out "$OUTDIR" --model "$M" "$@"
