@@ -69,9 +69,9 @@ def test_a_killed_rank_fails_the_job_with_one_clear_line(tmp_path, tiny_llama_di
     proc = start_and_wait_for_training(tmp_path, tiny_llama_dir)
     # kill -9: no handler runs; torchrun sees the worker die and stops the other one
     os.kill(worker(proc.pid, 1), signal.SIGKILL)
-    out, took = finish(proc, within=60)
+    out, took = finish(proc, within=90)
     assert proc.returncode == 1, out[-3000:]
-    assert took < 60, took
+    assert took < 90, took  # torchrun notices at once; the survivor fails at its next collective
     last = out.strip().splitlines()[-1]
     assert last.startswith("error: the job failed on node 0 (torchrun exit 1)"), out[-3000:]
     assert "JOB=resume_training" in last
