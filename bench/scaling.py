@@ -52,14 +52,15 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         r = random.Random(0)
         with open(self.data, "w") as f:  # every row longer than MAX_SEQ_LENGTH: a step is batch x seq tokens
-            for _ in range(a.rows):
-                f.write(json.dumps({"text": " ".join(r.choice(WORDS) for _ in range(a.seq + 50))}) + "\n")
+            for i in range(a.rows):  # question/answer rows, so that the run's evaluate stage has questions
+                f.write(json.dumps({"question": f"What does passage {i} say?",
+                                    "answer": " ".join(r.choice(WORDS) for _ in range(a.seq + 50))}) + "\n")
 
     # ---- environment and launching ---------------------------------------------------------------------------
     def env(self, name: str, **kw) -> dict:
         e = {k: v for k, v in os.environ.items()}
         e.update(RAPA_NO_VENV="1", PYTHON=sys.executable, BASE_MODEL_NAME=self.a.model, DATA_PATH=str(self.data),
-                 DATA_FORMAT="text", MAX_SEQ_LENGTH=str(self.a.seq), REPLAY_FRACTION="0", RETENTION_SET="none",
+                 DATA_FORMAT="qa", MAX_SEQ_LENGTH=str(self.a.seq), REPLAY_FRACTION="0", RETENTION_SET="none",
                  REPORT_TO="none", LORA_DROPOUT="0", WARMUP_RATIO="0", SAVE_STEPS="1000", GRAD_ACCUM="1",
                  BASE_SAVE_PATH=str(self.work / name / "out"), CHECKPOINT_PATH=str(self.work / name / "ckpt"),
                  EVAL_MAX_QUESTIONS="2", EVAL_MAX_NEW_TOKENS="4", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
