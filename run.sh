@@ -37,22 +37,29 @@ die() { echo "error: $1" >&2; exit "${2:-1}"; }
 trap 'die "run.sh failed at line $LINENO: $BASH_COMMAND"' ERR
 
 # torchrun reports any worker's failure, and its own SIGTERM, as exit 1. run.sh stays the parent instead of exec'ing
-# it, forwards SIGTERM/SIGINT, and returns the job's own code that rank 0 leaves in RAPA_EXIT_FILE: 75 after a
-# stop it asked for (a scheduler may requeue), 2/3/4 for the user's errors. A 75 it did not ask for means another
-# rank failed and rank 0 was stopped by torchrun: that is torchrun's failure, not a clean stop.
+# it, forwards SIGTERM/SIGINT, and returns the job's own code that this node's first process leaves in
+# RAPA_EXIT_FILE: 75 after a stop (a scheduler may requeue), 2/3/4 for the user's errors. A 75 there means every
+# process voted to stop and a checkpoint was sealed, whichever node's run.sh got the signal (finetune/trainer.py);
+# a process that torchrun stops after another one died or hung cannot vote (its peer is gone) and ends 1.
 launch_and_wait() {
-  local child rc=0 code signalled=0
+  local child rc=0 code
   export RAPA_EXIT_FILE; RAPA_EXIT_FILE="$(mktemp)"
   "$@" & child=$!
-  trap 'signalled=1; kill -TERM "$child" 2>/dev/null || true' TERM
-  trap 'signalled=1; kill -INT "$child" 2>/dev/null || true' INT
+  trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+  trap 'kill -INT "$child" 2>/dev/null || true' INT
   while :; do
     if wait "$child"; then rc=0; else rc=$?; fi
     kill -0 "$child" 2>/dev/null || break
   done
   code="$(cat "$RAPA_EXIT_FILE" 2>/dev/null || true)"; rm -f "$RAPA_EXIT_FILE"
-  if (( rc == 0 )) || [[ -z "$code" || "$code" == 0 ]] || { [[ "$code" == 75 ]] && (( ! signalled )); }; then exit "$rc"; fi
-  exit "$code"
+  if (( rc == 0 )); then exit 0; fi
+  case "$code" in
+    2|3|4|75) exit "$code" ;;
+    *) echo "error: the job failed on node $NODE_RANK (torchrun exit $rc): a process exited, was killed or timed out" \
+         "(its 'error:' line or torchrun's 'Root Cause' is above); the last sealed checkpoint is kept:" \
+         "JOB=resume_training continues once the cause is fixed" >&2
+       exit "$(( code > 0 ? code : 1 ))" ;;
+  esac
 }
 
 # ---- arguments (the jobs come from finetune/jobs.py) --------------------------------------------------------
@@ -117,6 +124,7 @@ if [[ "$JOB_GPUS" == 1 ]]; then
     else visible=$(nvidia-smi -L | grep -c '^GPU'); fi
   fi
   [[ "$ngpu" == "0" ]] && ngpu="$visible"
+  (( ngpu > 0 )) || ngpu=1   # no GPU: one CPU process per node
   (( ngpu <= visible || visible == 0 )) || die "NUM_GPUS=$ngpu but only $visible GPU(s) are visible" 2
   if [[ -n "$HOSTFILE" ]]; then
     log "several nodes: DeepSpeed launcher with HOSTFILE=$HOSTFILE"

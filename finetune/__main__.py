@@ -7,7 +7,7 @@ from pathlib import Path
 from finetune.pipeline import main
 
 code = main()
-# Under torchrun, run.sh reads rank 0's own exit code from here (torchrun itself would only say 1).
-if os.environ.get("RAPA_EXIT_FILE") and os.environ.get("RANK", "0") == "0":
+# Under torchrun, run.sh reads its node's first process's own exit code from here (torchrun itself would only say 1).
+if os.environ.get("RAPA_EXIT_FILE") and os.environ.get("LOCAL_RANK", "0") == "0":
     Path(os.environ["RAPA_EXIT_FILE"]).write_text(str(code))
 sys.exit(code)

@@ -43,6 +43,9 @@ PASSTHROUGH = {
     "WANDB_API_KEY", "WANDB_ENTITY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_BASE_URL", "HF_TOKEN",
     "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
     "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "RAPA_CALLER_DIR",
+    # NCCL and its torch watchdog (README, "Several GPUs and several nodes"): read when the process group starts
+    "NCCL_DEBUG", "NCCL_SOCKET_IFNAME", "NCCL_IB_DISABLE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT",
+    "TORCH_NCCL_ENABLE_MONITORING", "TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC",
 }
 # run.sh's launcher settings: honoured from the environment or `.env` through `--launch-plan`; not RunConfig fields
 # because they choose how processes start, not what a run computes. name -> (default, help)
@@ -209,6 +212,8 @@ class RunConfig:
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
     deepspeed_config: str = _f("", "DeepSpeed JSON for several GPUs (default: configs/deepspeed/zero2.json)")
+    dist_timeout_minutes: float = _f(30.0, "several processes: a collective (gradient all-reduce, barrier) that waits "
+                                     "longer than this on a hung rank fails the job instead of hanging it")
 
     # ------------------------------------------------------------------------------------------------
     @property
@@ -341,6 +346,8 @@ class RunConfig:
             need(v is None or ((low < v if low_open else low <= v) and v <= high),
                  f"{name.upper()}={raw!r}: must be a number in {'(' if low_open else '['}{low}, {high}] "
                  f"(or unset for GEN_PRESET={self.gen_preset}'s)")
+        need(0 < self.dist_timeout_minutes <= 24 * 60,
+             f"DIST_TIMEOUT_MINUTES={self.dist_timeout_minutes:g}: must be in (0, 1440] (a fraction is allowed)")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")
         mods = [m.strip() for m in self.target_modules.split(",")]
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),

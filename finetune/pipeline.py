@@ -73,9 +73,9 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
         print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
         return
     _preflight(cfg, paths, stages)
-    dist.init()
+    dist.init(cfg.dist_timeout_minutes)
     base = model_lib.resolve_base(cfg) if dist.is_main else None
-    dist.barrier()  # the embedded model is converted once, by rank 0
+    dist.wait_for_main()  # the embedded model is converted once, by rank 0
     base = base or model_lib.resolve_base(cfg)
     backend = model_lib.choose_backend(cfg, dist.world_size)
     if dist.is_main:
@@ -97,7 +97,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
             from finetune.replay import build_replay
 
             build_replay(cfg, paths, base, backend.device)
-    dist.barrier()  # the other ranks read the prepared data rank 0 just wrote
+    dist.wait_for_main()  # the other ranks read the prepared data rank 0 just wrote
     if "train" in stages:
         with runlog.stage("train") as record:
             from finetune.plan import resolve_replay_loss

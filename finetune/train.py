@@ -24,7 +24,7 @@ from transformers import set_seed
 from finetune import checkpoints, mfu, model as model_lib, portable, preference
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
-from finetune.errors import ConfigError, Interrupted, ResourceError
+from finetune.errors import ConfigError, Interrupted, PipelineError, ResourceError
 from finetune.paths import RunPaths, atomic_dir, require_disk
 from finetune.plan import TrainPlan, plan, resolve_replay_loss
 from finetune.trainer import SignalFlag, SpeedMeter, build_trainer
@@ -96,8 +96,13 @@ def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log) 
             if "out of memory" in str(e).lower():
                 raise ResourceError(f"out of memory at micro-batch {p.micro_batch}: lower BATCH_SIZE or MAX_SEQ_LENGTH, "
                                     "or set GRADIENT_CHECKPOINTING=offload") from None
+            if p.world_size > 1 and _lost_peer(e):
+                raise PipelineError(f"another process of this job died or hung (DIST_TIMEOUT_MINUTES bounds the wait): "
+                                    f"{str(e).splitlines()[0][:300]}. The last sealed checkpoint is kept; "
+                                    "JOB=resume_training continues once the cause is fixed") from None
             raise
-    if stop.received:
+        stopped = stop.agree()  # a signal after the last step's vote: every process stops here, together
+    if stopped:
         last = checkpoints.newest_complete(paths.checkpoints, log)
         raise Interrupted(f"stopped by {stop.received} at step {trainer.state.global_step}; saved {last}. "
                           "Continue with JOB=resume_training ./run.sh")
@@ -110,6 +115,16 @@ def speed_meter(cfg: RunConfig, backend: model_lib.Backend, model, lengths: list
     device = torch.cuda.get_device_name(0) if backend.device == "cuda" else "CPU"
     peak = mfu.peak_tflops(device, precision) if backend.device == "cuda" else None
     return SpeedMeter(precision, why, mfu.model_flops_per_token(model, span), peak and peak * world_size, device)
+
+
+def _lost_peer(e: RuntimeError) -> bool:
+    """A collective that failed because a peer is gone or silent (gloo says so in a RuntimeError; NCCL's watchdog
+    aborts the process instead, and torchrun reports it)."""
+    import torch.distributed as td
+
+    text = str(e)
+    return isinstance(e, td.DistError) or any(k in text for k in ("Timed out", "Connection closed", "Connection reset",
+                                                                  "gloo", "NCCL"))
 
 
 def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:

@@ -23,6 +23,7 @@ from trl import SFTConfig, SFTTrainer
 from finetune import checkpoints
 from finetune import mfu as mfu_lib
 from finetune.config import RunConfig
+from finetune.dist import agree_on_stop
 from finetune.errors import ConfigError, PipelineError, ResourceError
 from finetune.paths import RunPaths
 from finetune.plan import TrainPlan
@@ -96,6 +97,7 @@ def trainer_args(cfg: RunConfig, paths: RunPaths, p: TrainPlan, eval_ds) -> dict
         use_cpu=not cuda,
         deepspeed=deepspeed_config(cfg, p),
         ddp_find_unused_parameters=False if p.world_size > 1 else None,
+        ddp_timeout=max(1, round(cfg.dist_timeout_minutes * 60)),  # the group is ours (dist.init); said again here
         dataloader_num_workers=0,
         disable_tqdm=False,
         save_only_model=False,
@@ -349,10 +351,11 @@ class SignalFlag:
     """SIGTERM/SIGINT while installed: remembered, not fatal; _SignalCallback then saves and stops the trainer."""
 
     received: str | None = None
+    signum: int = 0
 
     @contextlib.contextmanager
     def installed(self):
-        SignalFlag.received = None
+        SignalFlag.received, SignalFlag.signum = None, 0
         old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in old:
             signal.signal(s, self._handler)
@@ -362,15 +365,25 @@ class SignalFlag:
             for s, h in old.items():
                 signal.signal(s, h)
 
+    @staticmethod
+    def agree() -> int:
+        """The signal every process acts on (0: none), once each has voted with its own (dist.agree_on_stop)."""
+        agreed = agree_on_stop(SignalFlag.signum)
+        if agreed and not SignalFlag.received:
+            SignalFlag.received, SignalFlag.signum = f"{signal.Signals(agreed).name} (to another process)", agreed
+        return agreed
+
     def _handler(self, signum, frame):
-        SignalFlag.received = signal.Signals(signum).name
+        SignalFlag.received, SignalFlag.signum = signal.Signals(signum).name, signum
         print(f"\n[train] {SignalFlag.received} received: finishing this step, saving a checkpoint, then exiting 75",
               flush=True)
 
 
 class _SignalCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
-        if SignalFlag.received:
+        # Several processes stop together or not at all: a signal may reach one node only, or one rank just after
+        # the vote (dist.agree_on_stop); every rank acts on the vote, never on its own flag.
+        if SignalFlag.agree():
             control.should_save = True
             control.should_training_stop = True
 

@@ -187,3 +187,15 @@ def test_env_example_lists_every_variable_and_is_in_sync():
 def test_secrets_are_not_config_fields():
     names = {f.upper() for f in RunConfig().public_dict()}
     assert "WANDB_API_KEY" not in names and "HF_TOKEN" not in names
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "2000"])
+def test_dist_timeout_must_be_positive_and_at_most_a_day(raw):
+    with pytest.raises(ConfigError, match=f"DIST_TIMEOUT_MINUTES={raw}: must be in"):
+        RunConfig.from_env({"DIST_TIMEOUT_MINUTES": raw}, None)
+
+
+def test_dist_timeout_takes_fractions_and_nccl_settings_are_allowed_in_dotenv(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("NCCL_SOCKET_IFNAME=eth0\nNCCL_IB_DISABLE=1\nTORCH_NCCL_ASYNC_ERROR_HANDLING=3\n")
+    assert RunConfig.from_env({"DIST_TIMEOUT_MINUTES": "0.5"}, env_file).dist_timeout_minutes == 0.5
