@@ -124,10 +124,17 @@ class RunConfig:
     qlora_merge_base: str = _f("original", "QLoRA merge into: original (the unquantised base) | dequantized (its NF4 "
                                "round trip, exactly what was trained)", ("original", "dequantized"))
     merge_parity_tol: float = _f(1e-3, "largest allowed max-abs logit difference (relative to logit scale) in the parity gate")
-    export_gguf: str = _f("", "after merge also write GGUF: comma list of f16, q8_0, bf16, q4_k_m (empty = no export)")
+    export_gguf: str = _f("", "after merge also write GGUF: comma list of f16, bf16, q8_0, q5_k_m, q4_k_m (empty = no "
+                          "export; JOB=export then writes f16,q8_0,q5_k_m,q4_k_m)")
+    export_check_questions: int = _f(10, "after export, llama.cpp answers this many eval questions greedily with each "
+                                     "GGUF, compared with the merged model; f16 must agree (0 = skip the check)")
+    llama_cpp_dir: str = _f("", "folder with llama.cpp's llama-server and llama-quantize (empty: built once, portably, "
+                            "into the cache from the pinned llama-cpp-python sdist's vendored source)")
     eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
+    lm_eval_tasks: str = _f("", "JOB=evaluate also runs lm-evaluation-harness on the merged model: comma list of task "
+                            "names or YAML files; `run_eval` is the bundled local task over the run's eval split")
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
     deepspeed_config: str = _f("", "DeepSpeed JSON for several GPUs (default: configs/deepspeed/zero2.json)")
@@ -249,8 +256,9 @@ class RunConfig:
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
              f"TARGET_MODULES={self.target_modules!r}: comma-separated module names such as q_proj,v_proj, or all-linear")
         for fmt in filter(None, self.export_gguf.split(",")):
-            need(fmt.strip() in ("f16", "q8_0", "bf16", "q4_k_m"),
-                 f"EXPORT_GGUF={self.export_gguf!r}: allowed are f16, q8_0, bf16, q4_k_m (q4_k_m needs llama-cpp-python)")
+            need(fmt.strip().lower().replace("-", "_") in ("f16", "q8_0", "bf16", "q4_k_m", "q5_k_m"),
+                 f"EXPORT_GGUF={self.export_gguf!r}: allowed are f16, bf16, q8_0, q5_k_m, q4_k_m")
+        need(self.export_check_questions >= 0, f"EXPORT_CHECK_QUESTIONS={self.export_check_questions}: must be >= 0")
         need(self.chat_template in ("auto", "chatml", "alpaca", "llama-3"),
              f"CHAT_TEMPLATE={self.chat_template!r}: allowed are auto, chatml, alpaca, llama-3")
         return p
@@ -274,7 +282,8 @@ def _read_env_file(path: str | os.PathLike | None, problems: list[str]) -> dict[
 
 
 _PREFIXES = ("LORA_", "DATA_", "EVAL_", "MERGE_", "EXPORT_", "QLORA", "USE_", "NUM_", "MAX_SEQ", "BASE_MODEL",
-             "BASE_SAVE", "CHECKPOINT_", "SAVE_", "LEARNING_", "GRAD_", "TRAIN_", "REPLAY_", "RETENTION_")
+             "BASE_SAVE", "CHECKPOINT_", "SAVE_", "LEARNING_", "GRAD_", "TRAIN_", "REPLAY_", "RETENTION_", "LLAMA_CPP",
+             "LM_EVAL")
 
 
 def _looks_like_ours(key: str, names: Mapping[str, Any]) -> bool:

@@ -22,3 +22,11 @@ def generate(model, tok, items: list[dict], max_new_tokens: int, device: str, de
             done.append(bool((row == tok.eos_token_id).any()))
             texts.append(tok.decode(row, skip_special_tokens=True).strip())
     return texts, done
+
+
+# Sampling presets (seed 004, section 8). Ollama calls repetition_penalty `repeat_penalty`.
+PRESETS = {
+    "factual": {"temperature": 0.1, "top_p": 0.9, "repetition_penalty": 1.0},
+    "balanced": {"temperature": 0.5, "top_p": 0.9, "repetition_penalty": 1.1},
+    "creative": {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.15},
+}

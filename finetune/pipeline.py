@@ -123,7 +123,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
         with runlog.stage("export"):
             from finetune.export import export
 
-            runlog.artefact("gguf", export(cfg, paths))
+            runlog.artefact("gguf", export(cfg, paths, device=backend.device))
     print(f"[done] outputs in {paths.run_dir}:  adapter {paths.adapters.name}/  merged {paths.merged.name}/  "
           f"report {paths.eval_dir / 'report.md'}", flush=True)
 
