@@ -131,6 +131,10 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
                           "probe_preds": probe_preds}
 
     report = _report(cfg, paths, qs, pr, results)
+    if cfg.lm_eval_tasks:  # lm-evaluation-harness beside our own scores
+        from finetune import harness
+
+        report["harness"] = harness.run(cfg, paths, base, device, log)
     _write(paths, report)
     log(summary(report, paths))
     return report
