@@ -126,20 +126,22 @@ def test_every_gguf_answers_in_llama_cpp_as_the_merged_model(exported):
     assert list(files) == ALL.split(",")
     for fmt, r in files.items():
         assert r["prompt_tokenisation_differs"] == [], fmt
-        assert r["eos"] == r["eos_hf"] > 0, fmt  # stops where the merged model stops
+        assert r["eos"] > 0 and r["eos_hf"] == len(QUESTIONS), fmt  # generation stops at EOS
         assert r["verdict"] in ("ok", "warn"), (fmt, r["why"])
     f16 = files["f16"]
-    assert f16["agree"] == len(QUESTIONS) and f16["max_flip_nats"] == 0 and f16["verdict"] == "ok"
+    assert f16["agree"] == f16["eos"] == len(QUESTIONS) and f16["max_flip_nats"] == 0 and f16["verdict"] == "ok"
     assert f16["max_logprob_diff"] < 0.05  # f16 rounding moves the chosen tokens' log-probabilities only slightly
     assert f16["contains"] == f16["contains_hf"] >= 2  # Paris and Tokyo
     assert any(line.startswith("[export] f16 in llama.cpp: 3/3 answers identical") for line in lines)
-    report = json.loads(paths.report_json.read_text()) if paths.report_json.is_file() else None
-    assert report is None  # no evaluation in this tree: nothing to extend
+    # a quantised file that loses an answer the merged model had is named in a warning with the numbers
+    for fmt, r in files.items():
+        warned = [l for l in lines if l.startswith(f"[export] warning: {SLUG}-{fmt}.gguf keeps")]
+        assert bool(warned) == (r["contains"] < r["contains_hf"]) == (r["verdict"] == "warn"), fmt
 
 
 def test_f16_that_computes_another_function_fails_the_check(exported, smollm2_dir, tmp_path):
     """The transformers-4 failure of issue 19, the RoPE base read as 10000 instead of 100000, as a mismatch between
-    file and model: the same f16 file against a merged folder that says 10000 departs at confident tokens."""
+    file and model: the same f16 file against a merged folder that says 10000 (0.30 nats apart where f16 is 0.01)."""
     from finetune import gguf_check
     from finetune.llamacpp import tools
 
@@ -159,7 +161,7 @@ def test_f16_that_computes_another_function_fails_the_check(exported, smollm2_di
     (wrong / "config.json").write_text(json.dumps(config))
     questions = [{"id": f"q{i}", "messages": [{"role": "user", "content": q}], "answers": [a]}
                  for i, (q, a) in enumerate(QUESTIONS)]
-    with pytest.raises(PipelineError, match=r"f16\.gguf departs from the merged model's greedy answer"):
+    with pytest.raises(PipelineError, match=r"f16\.gguf log-probabilities of its chosen tokens differ .* by up to 0\.[2-9]"):
         gguf_check.check({"f16": out / f"{SLUG}-f16.gguf"}, wrong, questions, "test", 32, tools(), tmp_path,
                          log=lambda s: None)
 
