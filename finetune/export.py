@@ -465,9 +465,9 @@ def modelfile(gguf_name: str, template: str | None, stops: list[str], preset: st
     lines.append("")
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
     p = PRESETS[preset]
-    lines += [f"# sampling: the {preset} preset (JOB=generate and JOB=chat use the same table)",
-              f"PARAMETER temperature {p['temperature']}", f"PARAMETER top_p {p['top_p']}",
-              f"PARAMETER repeat_penalty {p['repetition_penalty']}"]
+    lines += [f"# sampling: the {preset} preset (finetune/generation.py PRESETS)",
+              f"PARAMETER temperature {p.temperature:g}", f"PARAMETER top_p {p.top_p:g}",
+              f"PARAMETER repeat_penalty {p.repetition_penalty:g}"]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tqdm import tqdm
 
 
@@ -24,9 +26,19 @@ def generate(model, tok, items: list[dict], max_new_tokens: int, device: str, de
     return texts, done
 
 
-# Sampling presets (seed 004, section 8). Ollama calls repetition_penalty `repeat_penalty`.
-PRESETS = {
-    "factual": {"temperature": 0.1, "top_p": 0.9, "repetition_penalty": 1.0},
-    "balanced": {"temperature": 0.5, "top_p": 0.9, "repetition_penalty": 1.1},
-    "creative": {"temperature": 0.8, "top_p": 0.95, "repetition_penalty": 1.15},
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float  # 0 = greedy (no sampling)
+    top_p: float
+    repetition_penalty: float
+    max_new_tokens: int = 256
+
+
+# Seed 004's presets (section 8), the one table every consumer reads (the Ollama Modelfile's PARAMETER lines here).
+PRESETS: dict[str, Sampling] = {
+    "greedy": Sampling(temperature=0.0, top_p=1.0, repetition_penalty=1.0),
+    "factual": Sampling(temperature=0.1, top_p=0.9, repetition_penalty=1.0),
+    "balanced": Sampling(temperature=0.5, top_p=0.9, repetition_penalty=1.1),
+    "creative": Sampling(temperature=0.8, top_p=0.95, repetition_penalty=1.15),
 }

@@ -173,7 +173,7 @@ def test_modelfile_carries_template_stop_and_sampling(exported):
     assert 'TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}' in text
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
     # the factual preset, so that Ollama does not sample at its default temperature of 0.8
-    assert "PARAMETER temperature 0.1\nPARAMETER top_p 0.9\nPARAMETER repeat_penalty 1.0" in text
+    assert "PARAMETER temperature 0.1\nPARAMETER top_p 0.9\nPARAMETER repeat_penalty 1\n" in text
     manifest = json.loads((out / "export.json").read_text())
     assert set(manifest["formats"]) == set(ALL.split(","))
     assert manifest["modelfile_check"]["two_turn_prompt_identical"] is True
@@ -279,3 +279,13 @@ def test_modelfile_for_unknown_and_llama3_templates():
               "<|eot_id|>{% endfor %}")
     text = modelfile("m-q8_0.gguf", llama3, ["<|eot_id|>"])
     assert "<|start_header_id|>{{ .Role }}<|end_header_id|>" in text and 'PARAMETER stop "<|eot_id|>"' in text
+
+
+def test_llama_cpp_dir_without_the_programs_is_a_config_error(tmp_path):
+    from finetune.llamacpp import tools
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "llama-server").write_text("#!/bin/sh\n")
+    (tmp_path / "bin" / "llama-server").chmod(0o755)
+    with pytest.raises(ConfigError, match=r"LLAMA_CPP_DIR=.*: no llama-quantize there"):
+        tools(str(tmp_path))
