@@ -140,7 +140,7 @@ def _beside_python(name: str) -> str | None:
 
 def _fetch_source(tmp: Path, log=print) -> Path:
     dl = tmp / "sdist"
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", str(dl),
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", SOURCE[0], "-d", str(dl),
            f"{SOURCE[0]}=={SOURCE[1]}"]
     _run(cmd, tmp / "download.log", f"pip download {SOURCE[0]}=={SOURCE[1]}")
     archive = next(dl.glob("*.tar.gz"))
