@@ -83,7 +83,7 @@ def compare_file(server, ref: dict, questions: list[dict], max_new_tokens: int) 
     rows = []
     for q, ids, want, lps in zip(questions, ref["prompts"], ref["answers"], ref["logprobs"]):
         r = server.greedy(ids, max_new_tokens, N_PROBS)
-        got = [t for t in r.get("tokens", [])]
+        got = list(r.get("tokens", []))
         stopped = r.get("stop_type") == "eos"
         if stopped and (not got or got[-1] != eos):
             got = got + [eos]  # the server reports why it stopped rather than the EOS token itself
