@@ -274,8 +274,8 @@ def _quantise(tools, src: Path, out: Path, fmt: str, scratch: Path, log=print) -
     log(f"[export] {fmt}: quantising {src.name} with llama-quantize ...")
     t0 = time.time()
     fallbacks = llamacpp.quantize(tools, src, out, fmt, scratch / f"quantise-{fmt}.log")
-    if fallbacks:  # k-quants need rows of 256: tensors whose rows are not get another type
-        log(f"[export]   llama-quantize: {len(fallbacks)} tensor(s) with a fallback type, e.g. {fallbacks[0]}")
+    for line in fallbacks:  # k-quants need rows that are multiples of 256: other tensors get another type
+        log(f"[export]   llama-quantize: {line.split(': ', 1)[-1].removeprefix('WARNING: ')}")
     log(f"[export] {fmt}: {out.name} written ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
     return out
 
