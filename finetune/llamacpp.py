@@ -109,7 +109,7 @@ def _build(out: Path, log=print) -> None:
             return
         t0 = time.time()
         log(f"[llama.cpp] building {', '.join(TARGETS)} once from {SOURCE[0]}=={SOURCE[1]}'s vendored llama.cpp "
-            f"into {out} (portable AVX2; about 20 minutes on 2 cores)")
+            f"into {out} (portable AVX2; about 10 minutes on 2 cores)")
         with tempfile.TemporaryDirectory(prefix=f".{out.name}-", dir=out.parent) as tmp:
             tmp = Path(tmp)
             src = _fetch_source(tmp, log)
