@@ -11,14 +11,17 @@ set -Eeuo pipefail
 
 # ---- defaults (the Python config holds the rest; see ./run.sh --help) --------------------------------------
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+export RAPA_CALLER_DIR="$PWD"          # run.sh works in $HERE; a relative DATA_PATH means the caller's folder
 VENV="${VENV:-$HERE/.venv}"
 PYTHON="${PYTHON:-python3}"
 RAPA_NO_VENV="${RAPA_NO_VENV:-}"       # 1: use $PYTHON as it is (a provisioned image or GPU machine); never install
 LOG_PREFIX="[run.sh]"
 
+JOBS="$(cd "$HERE" && "$PYTHON" -c 'from finetune.jobs import JOBS; print(" ".join(JOBS))' 2>/dev/null || true)"
+
 usage() {
   cat <<EOF
-usage: ./run.sh [JOB] [-- pytest args]      JOB: train (default) | resume_training | prepare | merge | evaluate | export | test
+usage: ./run.sh [JOB] [pytest args, for JOB=test]      JOB: ${JOBS// / | } (default train)
        ./run.sh --help
 
 Setup: on first use creates .venv and installs requirements.txt (plus requirements-gpu.txt on an NVIDIA GPU machine),
@@ -30,7 +33,7 @@ EOF
 }
 
 log() { echo "$LOG_PREFIX $*" >&2; }
-die() { echo "error: $*" >&2; exit "${2:-1}"; }
+die() { echo "error: $1" >&2; exit "${2:-1}"; }
 trap 'die "run.sh failed at line $LINENO: $BASH_COMMAND"' ERR
 
 # torchrun reports any worker's failure, and its own SIGTERM, as exit 1. run.sh stays the parent instead of exec'ing
@@ -52,15 +55,17 @@ launch_and_wait() {
   exit "$code"
 }
 
-# ---- arguments ---------------------------------------------------------------------------------------------
+# ---- arguments (the jobs come from finetune/jobs.py) --------------------------------------------------------
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found; install Python 3.11 or set PYTHON" 2
+[[ -n "$JOBS" ]] || die "$PYTHON could not read finetune/jobs.py (Python 3.11 or newer is needed)" 2
 case "${1:-}" in
   -h|--help|help) usage; exit 0 ;;
   "") ;;
-  train|resume_training|prepare|merge|evaluate|export|test) export JOB="$1"; shift ;;
-  *) usage >&2; die "unknown argument '$1'" 2 ;;
+  -*|*/*|*::*) ;;  # pytest's arguments, for JOB=test set in the environment or .env (checked below)
+  *) if [[ " $JOBS " == *" $1 "* ]]; then export JOB="$1"; shift
+     else usage >&2; die "unknown argument '$1' (jobs: $JOBS)" 2; fi ;;
 esac
 cd "$HERE"
-command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON not found; install Python 3.11 or set PYTHON" 2
 
 # ---- environment: use a provisioned Python, or create .venv once ---------------------------------------------
 provisioned() { "$1" -c "import torch, transformers, trl, peft, datasets, accelerate, dotenv, gguf" >/dev/null 2>&1; }
@@ -94,14 +99,18 @@ fi
 
 # ---- run -----------------------------------------------------------------------------------------------------
 export PYTHONUNBUFFERED=1
-if [[ "${JOB:-}" == "test" ]]; then
-  exec "$PY" -m pytest -q tests "$@"
+# One question to Python: the job and how to launch it (environment over .env), or one error line and exit 2.
+plan="$("$PY" -m finetune.config --launch-plan)" || exit $?
+eval "$plan"
+[[ -n "${CUDA_VISIBLE_DEVICES:-}" ]] && export CUDA_VISIBLE_DEVICES
+if [[ "$JOB_RUNNER" == "pytest" ]]; then
+  exec "$PY" -m pytest -q "$@"
 fi
+(( $# == 0 )) || die "JOB=$JOB takes no arguments (got: $*); only JOB=test passes them on, to pytest" 2
 
 # Several GPUs or nodes: every process runs the same job; rank 0 alone prepares, merges and evaluates.
-job="$("$PY" -m finetune.config --get JOB)"
-if [[ "$job" == "train" || "$job" == "resume_training" ]]; then
-  ngpu="$("$PY" -m finetune.config --get NUM_GPUS)"
+if [[ "$JOB_GPUS" == 1 ]]; then
+  ngpu="$NUM_GPUS"
   visible=0
   if gpu_present; then
     if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then visible=$(awk -F, '{print NF}' <<<"$CUDA_VISIBLE_DEVICES")
@@ -109,14 +118,13 @@ if [[ "$job" == "train" || "$job" == "resume_training" ]]; then
   fi
   [[ "$ngpu" == "0" ]] && ngpu="$visible"
   (( ngpu <= visible || visible == 0 )) || die "NUM_GPUS=$ngpu but only $visible GPU(s) are visible" 2
-  if [[ -n "${HOSTFILE:-}" ]]; then
-    [[ -f "$HOSTFILE" ]] || die "HOSTFILE=$HOSTFILE: no such file" 2
+  if [[ -n "$HOSTFILE" ]]; then
     log "several nodes: DeepSpeed launcher with HOSTFILE=$HOSTFILE"
-    exec "$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "${MASTER_PORT:-29500}" --module finetune
-  elif (( ngpu > 1 )) || (( ${NNODES:-1} > 1 )); then
-    log "launching $ngpu process(es) per node on ${NNODES:-1} node(s) (torchrun; DeepSpeed ZeRO config from DEEPSPEED_CONFIG)"
-    launch_and_wait "$PY" -m torch.distributed.run --nproc_per_node "$ngpu" --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" \
-      --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-29500}" -m finetune
+    exec "$PY" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --master_port "$MASTER_PORT" --module finetune
+  elif (( ngpu > 1 )) || (( NNODES > 1 )); then
+    log "launching $ngpu process(es) per node on $NNODES node(s) (torchrun; DeepSpeed ZeRO config from DEEPSPEED_CONFIG)"
+    launch_and_wait "$PY" -m torch.distributed.run --nproc_per_node "$ngpu" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+      --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m finetune
   fi
 fi
 exec "$PY" -m finetune

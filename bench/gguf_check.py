@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--formats", default="f16,q8_0,q5_k_m,q4_k_m")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     a = ap.parse_args()
-    merged = Path(a.merged) if a.merged else materialize()
+    merged = Path(a.merged) if a.merged else materialize(RunConfig().cache_dir)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = RunConfig(base_save_path=str(Path(tmp) / "final_model"), export_gguf=a.formats, num_epochs=3,
                         export_check_questions=a.questions, eval_max_new_tokens=a.max_new_tokens,

@@ -133,3 +133,27 @@ def require_compatible(ckpt: Path, fingerprint: dict) -> None:
     if diff:
         raise ConfigError(f"cannot resume from {ckpt}: the run changed since it was saved:\n  - " + "\n  - ".join(diff)
                           + "\n  restore those values, or start over with JOB=train OVERWRITE=1")
+
+
+def fingerprint(cfg, p, paths) -> dict:
+    """What must not change across a resume: the training fields of the config, the REPLAY_LOSS the plan resolved,
+    the effective batch and the data. (cfg: RunConfig, p: plan.TrainPlan, paths: RunPaths.)"""
+    return {**cfg.fingerprint_fields(), "replay_loss": p.replay_loss, "effective_batch": p.effective_batch,
+            "data": data_fingerprint(paths)}
+
+
+def data_fingerprint(paths) -> str:
+    return "+".join(sha256(p) for p in (paths.train_file, paths.replay_file) if p.is_file())
+
+
+def versions() -> dict:
+    """The library versions a checkpoint (and run.json) records."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "bitsandbytes", "unsloth"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -3,7 +3,9 @@
 Nothing below `RunConfig.from_env` reads `os.environ`. This module imports only the standard library (and
 python-dotenv when present) so that `run.sh --help` works on a bare machine before any install.
 
-    python -m finetune.config --help        # every variable with its default
+    python -m finetune.config --help         # the jobs, and every variable with its default
+    python -m finetune.config --launch-plan  # what run.sh needs to start the job (shell assignments), or exit 2
+    python -m finetune.config --check        # the effective configuration as JSON, or exit 2
 """
 
 from __future__ import annotations
@@ -18,28 +20,64 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from finetune.errors import ConfigError
+from finetune.jobs import JOBS as _JOB_TABLE
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_DATA = "data/sample/korquad_sample.json"
-JOBS = ("train", "resume_training", "prepare", "merge", "evaluate", "export", "test")
-DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messages", "text")
+JOBS = tuple(_JOB_TABLE)
+DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messages", "qa", "text")
+DATA_COLUMN_ROLES = ("question", "answer", "context")
+GGUF_FORMATS = ("f16", "bf16", "q8_0", "q5_k_m", "q4_k_m")
+DEFAULT_GGUF = "f16,q8_0,q5_k_m,q4_k_m"  # what JOB=export writes when EXPORT_GGUF is empty
+GEN_PRESETS = ("greedy", "factual", "balanced", "creative")  # their values: finetune/generation.py PRESETS
 
-# Variables that belong to the libraries we drive; allowed in `.env` and never treated as typos of ours.
+# Variables of the libraries we drive: allowed in `.env` (exported to the process there, where the libraries look)
+# and in the environment, and never treated as typos of ours.
 PASSTHROUGH = {
     "WANDB_API_KEY", "WANDB_ENTITY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_BASE_URL", "HF_TOKEN",
     "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "CUDA_VISIBLE_DEVICES", "PYTORCH_CUDA_ALLOC_CONF",
-    "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK",
-    "RAPA_NO_VENV", "RAPA_CACHE", "RAPA_FAULT", "PYTHON", "VENV", "HOSTFILE", "ENV_FILE", "WORLD_SIZE", "RANK",
-    "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE",
+    "OMP_NUM_THREADS", "TOKENIZERS_PARALLELISM", "RAPA_CALLER_DIR",
 }
+# run.sh's launcher settings: honoured from the environment or `.env` through `--launch-plan`; not RunConfig fields
+# because they choose how processes start, not what a run computes. name -> (default, help)
+LAUNCH = {
+    "NNODES": ("1", "nodes taking part in a multi-node run (torchrun; every node runs ./run.sh)"),
+    "NODE_RANK": ("0", "this node's index, 0 .. NNODES-1"),
+    "MASTER_ADDR": ("127.0.0.1", "address of node 0 (torchrun rendezvous)"),
+    "MASTER_PORT": ("29500", "port on node 0 (torchrun, or DeepSpeed's launcher with HOSTFILE)"),
+    "HOSTFILE": ("", "DeepSpeed hostfile: launch on every host it lists over ssh, from this node"),
+}
+# Read by run.sh before a Python is chosen or `.env` is found, so `.env` cannot set them: refused there, loudly.
+# name -> help
+SHELL_ONLY = {
+    "RAPA_NO_VENV": "1: use $PYTHON as it is (a provisioned image or GPU machine); never create .venv or install",
+    "PYTHON": "the Python that creates .venv (default python3)",
+    "VENV": "the virtual environment's folder (default .venv next to run.sh)",
+    "ENV_FILE": "the settings file to read instead of .env",
+}
+# Set by the launcher (torchrun / DeepSpeed) for each process; a value in `.env` would never reach it.
+LAUNCHER_SET = {"WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+                "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID", "RAPA_EXIT_FILE"}
 # Never printed, never saved: they stay in the environment where the libraries find them.
 SECRETS = ("WANDB_API_KEY", "HF_TOKEN")
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, demo: Any = None, embedded: Any = None) -> Any:
+def gguf_list(raw: str) -> str:
+    """EXPORT_GGUF in one spelling: lower case, _ not -, no blanks or repeats, order kept ("Q8-0, f16" -> "q8_0,f16")."""
+    out: list[str] = []
+    for part in raw.split(","):
+        fmt = part.strip().lower().replace("-", "_")
+        if fmt and fmt not in out:
+            out.append(fmt)
+    return ",".join(out)
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, demo: Any = None, embedded: Any = None,
+       normalise: Any = None) -> Any:
     # demo: the value when BASE_MODEL_NAME and DATA_PATH are both unset (the bundled demo);
-    # embedded: the value when BASE_MODEL_NAME is unset (the bundled SmolLM2, whatever the data).
-    meta = {"help": help, "choices": choices, "demo": demo, "embedded": embedded}
+    # embedded: the value when BASE_MODEL_NAME is unset (the bundled SmolLM2, whatever the data);
+    # normalise: str -> str applied to the raw value before it is checked, so every later reader sees one spelling.
+    meta = {"help": help, "choices": choices, "demo": demo, "embedded": embedded, "normalise": normalise}
     return field(default=default, metadata=meta)
 
 
@@ -48,17 +86,25 @@ class RunConfig:
     """Every knob of a run. The environment name of a field is its name in upper case."""
 
     # --- what to run
-    job: str = _f("train", "train | resume_training | prepare | merge | evaluate | export | test", JOBS)
+    job: str = _f("train", " | ".join(JOBS) + " (./run.sh --help says what each does)", JOBS)
     base_model_name: str = _f(EMBEDDED_MODEL, "HF model folder or name; the default is the bundled SmolLM2-135M-Instruct")
-    data_path: str = _f(DEFAULT_DATA, "JSON / JSONL file, folder of them, or datasets.save_to_disk folder")
+    data_path: str = _f(DEFAULT_DATA, "JSON, JSONL, CSV, TSV, Parquet or Arrow file (also .gz/.zst/.bz2), a folder of "
+                        "them, or a datasets.save_to_disk folder; relative to where you ran run.sh (in .env: to the repository)")
     base_save_path: str = _f("final_model", "root of the output tree <root>/<model>/<epochs>/")
     checkpoint_path: str = _f("", "checkpoint folder; default checkpoints/<model>/<epochs>/<qlora|lora>")
+    rapa_cache: str = _f("", "cache folder (the converted bundled model, base-model replay and eval answers); "
+                         "default $XDG_CACHE_HOME/rapa, else ~/.cache/rapa")
     overwrite: bool = _f(False, "JOB=train over existing checkpoints/outputs starts over instead of refusing")
     # --- model and adapter
     # The bundled 135M model fits in 1 GB, and NF4 alone costs it 10 of the 24 probe answers it knew
     # (docs/QUALITY.md): QLoRA buys it nothing and loses knowledge, so it trains with plain LoRA unless told.
     use_qlora: bool = _f(True, "load the base in NF4 4-bit with double quantisation (QLoRA); the bundled "
                          "SmolLM2 trains with plain LoRA unless this is set", embedded=False)
+    base_precision: str = _f("auto", "auto | nf4 | bf16 | fp8: how the frozen base is stored and multiplied. nf4 is QLoRA, "
+                             "bf16 plain LoRA; fp8 stores it in e4m3 with row-wise scales and runs its GEMMs on FP8 "
+                             "tensor cores (compute capability 8.9+, e.g. H100/H200/L4; elsewhere it falls back to bf16 "
+                             "and says so). auto follows USE_QLORA; nf4/bf16/fp8 set USE_QLORA to match",
+                             ("auto", "nf4", "bf16", "fp8"))
     backend: str = _f("auto", "auto | unsloth | hf (auto: unsloth on a CUDA GPU when it imports)", ("auto", "unsloth", "hf"))
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
@@ -71,7 +117,9 @@ class RunConfig:
     chat_template: str = _f("auto", "auto (the tokenizer's own) | chatml | alpaca | llama-3")
     # --- data
     data_format: str = _f("auto", "auto | " + " | ".join(DATA_FORMATS[1:]), DATA_FORMATS)
-    qa_with_context: bool = _f(False, "KorQuAD/SQuAD: put the paragraph into the prompt")
+    data_columns: str = _f("", "question=COL,answer=COL[,context=COL]: your column names (default: found by common names "
+                           "such as question/answer, prompt/response, prompt/completion, query/response)")
+    qa_with_context: bool = _f(False, "put the paragraph (KorQuAD/SQuAD) or the context/passage column (qa) into the prompt")
     train_on_inputs: bool = _f(False, "also compute the loss on prompt/user tokens")
     max_seq_length: int = _f(1024, "longest tokenised row")
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))
@@ -124,8 +172,9 @@ class RunConfig:
     qlora_merge_base: str = _f("original", "QLoRA merge into: original (the unquantised base) | dequantized (its NF4 "
                                "round trip, exactly what was trained)", ("original", "dequantized"))
     merge_parity_tol: float = _f(1e-3, "largest allowed max-abs logit difference (relative to logit scale) in the parity gate")
-    export_gguf: str = _f("", "after merge also write GGUF: comma list of f16, bf16, q8_0, q5_k_m, q4_k_m (empty = no "
-                          "export; JOB=export then writes f16,q8_0,q5_k_m,q4_k_m)")
+    export_gguf: str = _f("", "after merge also write GGUF: comma list of " + ", ".join(GGUF_FORMATS) + " (case and - "
+                          "vs _ do not matter; empty = no export after merge, " + DEFAULT_GGUF + " for JOB=export)",
+                          normalise=gguf_list)
     export_check_questions: int = _f(10, "after export, llama.cpp answers this many eval questions greedily with each "
                                      "GGUF, compared with the merged model; f16 must agree (0 = skip the check)")
     llama_cpp_dir: str = _f("", "folder with llama.cpp's llama-server and llama-quantize (empty: built once, portably, "
@@ -135,6 +184,18 @@ class RunConfig:
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
     lm_eval_tasks: str = _f("", "JOB=evaluate also runs lm-evaluation-harness on the merged model: comma list of task "
                             "names or YAML files; `run_eval` is the bundled local task over the run's eval split")
+    # --- using the trained model (JOB=chat, generate, serve)
+    gen_preset: str = _f("factual", "sampling preset for chat and generate: greedy | factual (temperature 0.1, top_p 0.9, "
+                         "repetition_penalty 1.0) | balanced (0.5, 0.9, 1.1) | creative (0.8, 0.95, 1.15)", GEN_PRESETS)
+    temperature: str = _f("", "overrides the preset's temperature (0 = greedy)")
+    top_p: str = _f("", "overrides the preset's top_p, in (0, 1]")
+    repetition_penalty: str = _f("", "overrides the preset's repetition penalty (1 = none)")
+    max_new_tokens: int = _f(256, "longest answer in tokens, for chat and generate")
+    system_prompt: str = _f("", "system message for chat and generate (empty: the chat template's default, as in training)")
+    prompts_path: str = _f("", "JOB=generate: prompts as JSONL (a prompt, question, input, instruction or text field), CSV "
+                           "(a column of those names) or plain text (one prompt a line); answers go to <run>/answers.jsonl")
+    serve_host: str = _f("127.0.0.1", "JOB=serve: address to listen on (0.0.0.0 to accept other machines)")
+    serve_port: int = _f(8000, "JOB=serve: port of the OpenAI-compatible endpoint")
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
     deepspeed_config: str = _f("", "DeepSpeed JSON for several GPUs (default: configs/deepspeed/zero2.json)")
@@ -143,6 +204,11 @@ class RunConfig:
     @property
     def model_slug(self) -> str:
         return Path(self.base_model_name.rstrip("/")).name or self.base_model_name
+
+    @property
+    def cache_dir(self) -> Path:
+        """from_env resolves RAPA_CACHE; a config built in code without it resolves it the same way."""
+        return Path(self.rapa_cache or default_cache_dir(os.environ))
 
     @property
     def adapter_kind(self) -> str:
@@ -155,6 +221,13 @@ class RunConfig:
         return 1e-4 if self.use_qlora else 5e-6
 
     @property
+    def columns(self) -> dict[str, str] | None:
+        """DATA_COLUMNS as {"question": column, "answer": column[, "context": column]}; None when unset."""
+        if not self.data_columns.strip():
+            return None
+        return dict((k.strip(), v.strip()) for k, _, v in (item.partition("=") for item in self.data_columns.split(",")))
+
+    @property
     def epochs_label(self) -> str:
         return f"{self.num_epochs:g}"
 
@@ -165,52 +238,21 @@ class RunConfig:
     def fingerprint_fields(self) -> dict:
         """The fields a resume must not change (it would train a different thing)."""
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
-                "grad_accum", "data_format", "qa_with_context", "train_on_inputs", "chat_template", "packing",
+                "grad_accum", "data_format", "data_columns", "qa_with_context", "train_on_inputs", "chat_template", "packing",
                 "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.base_precision != "auto":  # absent under auto, so checkpoints from before it resume unchanged
+            out["base_precision"] = self.base_precision
+        return out
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = ".env") -> "RunConfig":
-        """Build the config from `environ` over the `.env` file (the real environment wins). Raise ConfigError
-        listing every problem at once."""
-        environ = dict(os.environ if environ is None else environ)
-        problems: list[str] = []
-        file_values = _read_env_file(env_file, problems)
-        merged = {**file_values, **environ}
-        names = {f.name.upper(): f for f in dataclasses.fields(cls)}
+    def from_env(cls, environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = "") -> "RunConfig":
+        """Build the config from `environ` over the settings file (the real environment wins). Raise ConfigError
+        listing every problem at once. `env_file` "" means $ENV_FILE, else `.env`; None reads no file."""
+        return load(environ, env_file).config
 
-        for key in file_values:
-            if key not in names and key not in PASSTHROUGH:
-                problems.append(_unknown(key, names, f"in {env_file}"))
-        for key in environ:
-            if key not in names and key not in PASSTHROUGH and _looks_like_ours(key, names):
-                problems.append(_unknown(key, names, "in the environment"))
-
-        user_set = {k for k in names if merged.get(k, "") != ""}
-        embedded = "BASE_MODEL_NAME" not in user_set
-        demo = embedded and "DATA_PATH" not in user_set
-        values: dict[str, Any] = {}
-        for name, f in names.items():
-            raw = merged.get(name, "")
-            if raw == "":
-                if demo and f.metadata.get("demo") is not None:
-                    values[f.name] = f.metadata["demo"]
-                elif embedded and f.metadata.get("embedded") is not None:
-                    values[f.name] = f.metadata["embedded"]
-                continue
-            try:
-                values[f.name] = _coerce(raw, f)
-            except ValueError as e:
-                problems.append(f"{name}={raw!r}: {e}")
-        # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
-        # so one error lists every problem.
-        cfg = cls(**values)
-        problems.extend(cfg.problems())
-        if not problems:
-            return cfg
-        raise ConfigError("configuration has %d problem(s):\n  - %s" % (len(problems), "\n  - ".join(problems)))
-
+    # ------------------------------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Cross-field and range checks. Paths are checked by the stages that read them."""
         p: list[str] = []
@@ -234,9 +276,9 @@ class RunConfig:
         need(0 <= self.eval_fraction < 1, f"EVAL_FRACTION={self.eval_fraction}: must be in [0, 1)")
         need(0 <= self.replay_fraction <= 4, f"REPLAY_FRACTION={self.replay_fraction}: must be in [0, 4]")
         need(0 < self.replay_weight <= 100, f"REPLAY_WEIGHT={self.replay_weight:g}: must be in (0, 100]")
-        need(not (self.replay_weight != 1 and self.replay_loss == "sft"),
-             f"REPLAY_WEIGHT={self.replay_weight:g} weights the kl replay loss: it needs REPLAY_LOSS=kl (or auto on a CPU), "
-             "not REPLAY_LOSS=sft")
+        # REPLAY_LOSS=auto is checked once the device resolves it (finetune/plan.py), by the same rule.
+        replay_problem = replay_weight_problem(self.replay_weight, self.replay_loss)
+        need(replay_problem is None, replay_problem or "")
         need(self.max_steps == -1 or self.max_steps >= 1, f"MAX_STEPS={self.max_steps}: must be -1 or >= 1")
         need(self.eval_steps >= 0, f"EVAL_STEPS={self.eval_steps}: must be >= 0")
         need(not (self.eval_steps and self.eval_fraction == 0),
@@ -249,19 +291,161 @@ class RunConfig:
         need(not (self.offload_weights == "on" and self.gradient_checkpointing in ("off", "on")),
              f"OFFLOAD_WEIGHTS=on streams the layers through offloaded checkpointing: it needs GRADIENT_CHECKPOINTING="
              f"offload or auto, not {self.gradient_checkpointing}")
+        need(not (self.base_precision == "fp8" and self.offload_weights == "on"),
+             "BASE_PRECISION=fp8 keeps its FP8 weights on the GPU: it cannot stream them (OFFLOAD_WEIGHTS=on); use "
+             "BASE_PRECISION=nf4 for the leanest memory")
         need(self.max_gpu_memory >= 0, f"MAX_GPU_MEMORY={self.max_gpu_memory}: must be >= 0 (GB)")
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
+        need(self.max_new_tokens >= 1, f"MAX_NEW_TOKENS={self.max_new_tokens}: must be >= 1")
+        need(1 <= self.serve_port <= 65535, f"SERVE_PORT={self.serve_port}: must be a port number (1-65535)")
+        need(not (self.job == "generate" and not self.prompts_path),
+             "JOB=generate needs PROMPTS_PATH: a .jsonl, .csv or .txt file of prompts")
+        for name, low, high, low_open in (("temperature", 0, 10, False), ("top_p", 0, 1, True),
+                                          ("repetition_penalty", 0, 10, True)):
+            raw = getattr(self, name)
+            try:
+                v = float(raw) if raw != "" else None
+            except ValueError:
+                v = float("nan")
+            need(v is None or ((low < v if low_open else low <= v) and v <= high),
+                 f"{name.upper()}={raw!r}: must be a number in {'(' if low_open else '['}{low}, {high}] "
+                 f"(or unset for GEN_PRESET={self.gen_preset}'s)")
         need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")
         mods = [m.strip() for m in self.target_modules.split(",")]
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
              f"TARGET_MODULES={self.target_modules!r}: comma-separated module names such as q_proj,v_proj, or all-linear")
-        for fmt in filter(None, self.export_gguf.split(",")):
-            need(fmt.strip().lower().replace("-", "_") in ("f16", "q8_0", "bf16", "q4_k_m", "q5_k_m"),
-                 f"EXPORT_GGUF={self.export_gguf!r}: allowed are f16, bf16, q8_0, q5_k_m, q4_k_m")
+        bad = [fmt for fmt in gguf_list(self.export_gguf).split(",") if fmt and fmt not in GGUF_FORMATS]
+        need(not bad, f"EXPORT_GGUF={self.export_gguf!r}: unknown format(s) {', '.join(bad)}; allowed are "
+             f"{', '.join(GGUF_FORMATS)}")
         need(self.export_check_questions >= 0, f"EXPORT_CHECK_QUESTIONS={self.export_check_questions}: must be >= 0")
+        p.extend(self._data_columns_problems())
         need(self.chat_template in ("auto", "chatml", "alpaca", "llama-3"),
              f"CHAT_TEMPLATE={self.chat_template!r}: allowed are auto, chatml, alpaca, llama-3")
         return p
+
+
+    def _data_columns_problems(self) -> list[str]:
+        if not self.data_columns.strip():
+            return []
+        name = f"DATA_COLUMNS={self.data_columns!r}"
+        items = [item.partition("=") for item in self.data_columns.split(",")]
+        if any(not sep or not k.strip() or not v.strip() for k, sep, v in items):
+            return [f"{name}: expected question=COLUMN,answer=COLUMN[,context=COLUMN]"]
+        keys = [k.strip() for k, _, _ in items]
+        p = [f"{name}: unknown role {k!r} (allowed: {', '.join(DATA_COLUMN_ROLES)})" for k in keys if k not in DATA_COLUMN_ROLES]
+        p += [f"{name}: {k} is given twice" for k in DATA_COLUMN_ROLES if keys.count(k) > 1]
+        p += [f"{name}: {k}=COLUMN is missing" for k in ("question", "answer") if k not in keys]
+        if self.data_format not in ("auto", "qa"):
+            p.append(f"{name} maps question/answer columns: it needs DATA_FORMAT=auto or qa, not {self.data_format}")
+        if "context" in keys and not self.qa_with_context:
+            p.append(f"{name} maps a context column, which only QA_WITH_CONTEXT=true puts into the prompt: set it, "
+                     "or drop context=")
+        return p
+
+
+# ----------------------------------------------------------------------------------------------------
+def replay_weight_problem(weight: float, loss: str, why: str = "") -> str | None:
+    """REPLAY_WEIGHT weights the kl replay loss only; with sft it would be silently ignored."""
+    if weight == 1 or loss != "sft":
+        return None
+    return (f"REPLAY_WEIGHT={weight:g} weights the kl replay loss, but REPLAY_LOSS={why or loss}: set REPLAY_LOSS=kl, "
+            "or leave REPLAY_WEIGHT at 1")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything read from the environment and the settings file, checked once."""
+
+    config: RunConfig
+    launch: dict  # LAUNCH name -> value, for run.sh
+    library_env: dict  # PASSTHROUGH values from the settings file, for the process environment
+
+
+def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = "") -> Settings:
+    """Read and check everything; raise ConfigError listing every problem at once."""
+    environ = dict(os.environ if environ is None else environ)
+    if env_file == "":
+        env_file = environ.get("ENV_FILE") or ".env"
+    problems: list[str] = []
+    file_values = _read_env_file(env_file, problems)
+    merged = {**file_values, **environ}
+    names = {f.name.upper(): f for f in dataclasses.fields(RunConfig)}
+
+    for key in file_values:  # our file: every name must be one we read from it
+        if key in SHELL_ONLY:
+            problems.append(f"{key} in {env_file}: run.sh reads it before the file is found; set it in the environment "
+                            f"({key}=... ./run.sh)")
+        elif key in LAUNCHER_SET:
+            problems.append(f"{key} in {env_file}: set by the launcher (torchrun) for each process, not by you")
+        elif key not in names and key not in PASSTHROUGH and key not in LAUNCH:
+            problems.append(_unknown(key, names, f"in {env_file}"))
+    for key in environ:  # everyone's environment: only a close misspelling of one of ours is an error
+        if _misspells_ours(key, names):
+            problems.append(_unknown(key, names, "in the environment"))
+
+    # run.sh works in the repository; a DATA_PATH given on the command line means the caller's folder.
+    caller = environ.get("RAPA_CALLER_DIR", "")
+    if caller and environ.get("DATA_PATH", ""):
+        merged["DATA_PATH"] = str(Path(caller) / Path(environ["DATA_PATH"]).expanduser())  # an absolute path stays
+    user_set = {k for k in names if merged.get(k, "") != ""}
+    embedded = "BASE_MODEL_NAME" not in user_set
+    demo = embedded and "DATA_PATH" not in user_set
+    values: dict[str, Any] = {}
+    for name, f in names.items():
+        raw = merged.get(name, "")
+        if raw == "":
+            if demo and f.metadata.get("demo") is not None:
+                values[f.name] = f.metadata["demo"]
+            elif embedded and f.metadata.get("embedded") is not None:
+                values[f.name] = f.metadata["embedded"]
+            continue
+        try:
+            values[f.name] = _coerce(raw, f)
+        except ValueError as e:
+            problems.append(f"{name}={raw!r}: {e}")
+    values["rapa_cache"] = values.get("rapa_cache") or str(default_cache_dir(merged))
+    launch = {k: merged.get(k, "") or default for k, (default, _) in LAUNCH.items()}
+    for k in ("NNODES", "NODE_RANK", "MASTER_PORT"):
+        if not launch[k].isdigit():
+            problems.append(f"{k}={launch[k]!r}: expected a non-negative integer")
+    if launch["NNODES"].isdigit() and launch["NODE_RANK"].isdigit() and not int(launch["NODE_RANK"]) < int(launch["NNODES"]) >= 1:
+        problems.append(f"NODE_RANK={launch['NODE_RANK']} with NNODES={launch['NNODES']}: must be in 0 .. NNODES-1")
+    if launch["HOSTFILE"] and not Path(launch["HOSTFILE"]).is_file():
+        problems.append(f"HOSTFILE={launch['HOSTFILE']}: no such file")
+    # BASE_PRECISION names the base's storage; USE_QLORA (the seed's switch) follows it unless set against it.
+    bp = values.get("base_precision", "auto")
+    if bp != "auto":
+        want = bp == "nf4"
+        if "USE_QLORA" in user_set and values.get("use_qlora", want) != want:
+            problems.append(f"BASE_PRECISION={bp} contradicts USE_QLORA={merged['USE_QLORA']}: unset one "
+                            f"(BASE_PRECISION=nf4 is QLoRA; bf16 and fp8 are not)")
+        values["use_qlora"] = want
+    # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
+    # so one error lists every problem.
+    cfg = RunConfig(**values)
+    problems.extend(cfg.problems())
+    if len(problems) == 1:
+        raise ConfigError(f"configuration: {problems[0]}")
+    if problems:
+        raise ConfigError("configuration has %d problem(s):\n  - %s" % (len(problems), "\n  - ".join(problems)))
+    return Settings(cfg, launch, {k: merged[k] for k in file_values if k in PASSTHROUGH and merged[k] != ""})
+
+
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    """RAPA_CACHE, else $XDG_CACHE_HOME/rapa, else ~/.cache/rapa."""
+    if environ.get("RAPA_CACHE"):
+        return Path(environ["RAPA_CACHE"])
+    return Path(environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")) / "rapa"
+
+
+def launch_plan(settings: Settings) -> str:
+    """What run.sh needs to start the job, as shell assignments it can `eval`: one question, asked once."""
+    import shlex
+
+    cfg, job = settings.config, _JOB_TABLE[settings.config.job]
+    plan = {"JOB": cfg.job, "JOB_RUNNER": job.runner, "JOB_GPUS": "1" if job.gpus else "0", "NUM_GPUS": str(cfg.num_gpus),
+            **settings.launch, **{k: v for k, v in settings.library_env.items() if k == "CUDA_VISIBLE_DEVICES"}}
+    return "".join(f"{k}={shlex.quote(v)}\n" for k, v in plan.items())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -281,18 +465,42 @@ def _read_env_file(path: str | os.PathLike | None, problems: list[str]) -> dict[
     return {k: (v or "") for k, v in dotenv_values(path).items()}
 
 
-_PREFIXES = ("LORA_", "DATA_", "EVAL_", "MERGE_", "EXPORT_", "QLORA", "USE_", "NUM_", "MAX_SEQ", "BASE_MODEL",
-             "BASE_SAVE", "CHECKPOINT_", "SAVE_", "LEARNING_", "GRAD_", "TRAIN_", "REPLAY_", "RETENTION_", "LLAMA_CPP",
-             "LM_EVAL")
+# Third-party variables that sit close to one of ours; never read as a misspelling.
+OTHERS = {"DATA_DIR", "SAVE_DIR", "NUM_THREADS", "USE_CUDA", "MAX_JOBS", "NUM_WORKERS", "EPOCHS", "BATCH", "SEED_VALUE"}
 
 
-def _looks_like_ours(key: str, names: Mapping[str, Any]) -> bool:
-    # The process environment holds many unrelated variables: only flag the ones close to ours.
-    return key.startswith(_PREFIXES) or bool(difflib.get_close_matches(key, list(names), n=1, cutoff=0.85))
+def _misspells_ours(key: str, names: Mapping[str, Any]) -> bool:
+    """The process environment holds every tool's variables (DATA_DIR, NUM_THREADS, ...): an unknown one is an error
+    only when it is a near miss of ours: within two edits (one for names up to five letters), or the same words or
+    letters in another order (RANK_LORA, LORA_RNAK)."""
+    if key in names or key in PASSTHROUGH or key in LAUNCH or key in SHELL_ONLY or key in LAUNCHER_SET or key in OTHERS:
+        return False
+    for name in names:
+        limit = 1 if min(len(key), len(name)) <= 5 else 2
+        if abs(len(key) - len(name)) <= limit and _edits(key, name) <= limit:
+            return True
+        if sorted(key) == sorted(name) or sorted(key.split("_")) == sorted(name.split("_")):
+            return True
+    return False
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance, with a swap of neighbours counting once (LORA_RNAK is one slip)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i] + [0] * len(b)
+        for j, cb in enumerate(b, 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[-1]
 
 
 def _unknown(key: str, names: Mapping[str, Any], where: str) -> str:
-    guess = difflib.get_close_matches(key, list(names) + sorted(PASSTHROUGH), n=1, cutoff=0.6)
+    known = list(names) + sorted(PASSTHROUGH | set(LAUNCH) | set(SHELL_ONLY))
+    guess = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
     hint = f" (did you mean {guess[0]}?)" if guess else " (run ./run.sh --help for the list)"
     return f"{key}: unknown variable {where}{hint}"
 
@@ -303,6 +511,8 @@ _FALSE = {"0", "false", "no", "off", "n", "f"}
 
 def _coerce(raw: str, f: dataclasses.Field) -> Any:
     raw = raw.strip()
+    if f.metadata.get("normalise"):
+        raw = f.metadata["normalise"](raw)
     kind = type(f.default)
     choices = f.metadata.get("choices")
     if kind is bool:
@@ -335,15 +545,22 @@ def describe(cfg: RunConfig) -> str:
 
 
 def help_text() -> str:
-    out = ["Variables (environment or .env; the environment wins). Defaults in brackets;",
+    from finetune.jobs import summary
+
+    out = ["Jobs (JOB=<job> or ./run.sh <job>):", summary(), "",
+           "Variables (environment or .env; the environment wins). Defaults in brackets;",
            "the embedded demo (BASE_MODEL_NAME and DATA_PATH both unset) uses the preset in braces ({demo: ...}),",
            "and the bundled model (BASE_MODEL_NAME unset) its own ({embedded: ...}).", ""]
     for f in dataclasses.fields(RunConfig):
         demo, emb = f.metadata.get("demo"), f.metadata.get("embedded")
         preset = (f" {{demo: {demo}}}" if demo is not None else "") + (f" {{embedded: {emb}}}" if emb is not None else "")
         out.append(f"  {f.name.upper():<26} [{f.default}]{preset}  {f.metadata['help']}")
+    out += ["", "Launching (run.sh; environment or .env):"]
+    out += [f"  {k:<26} [{d}]  {h}" for k, (d, h) in LAUNCH.items()]
+    out += ["", "run.sh itself (environment only: read before .env is found):"]
+    out += [f"  {k:<26} {h}" for k, h in SHELL_ONLY.items()]
     out.append("")
-    out.append("  Secrets, read from the environment only and never printed or saved: " + ", ".join(SECRETS))
+    out.append("  Secrets, read from the environment or .env, never printed or saved: " + ", ".join(SECRETS))
     return "\n".join(out)
 
 
@@ -355,6 +572,11 @@ def env_example() -> str:
         default = f.default if not isinstance(f.default, bool) else str(f.default).lower()
         out.append(f"# {f.metadata['help']}")
         out.append(f"# {f.name.upper()}={default}")
+    out += ["", "# Launching several processes (run.sh)."]
+    for k, (d, h) in LAUNCH.items():
+        out += [f"# {h}", f"# {k}={d}"]
+    out += ["", "# Read by run.sh before this file is found: set these in the environment, never here (refused here).",
+            *[f"#   {k}: {h}" for k, h in SHELL_ONLY.items()]]
     out += ["", "# Secrets: set them here or in the environment; they are never printed or written anywhere.",
             "# WANDB_API_KEY=", "# HF_TOKEN="]
     return "\n".join(out) + "\n"
@@ -363,15 +585,15 @@ def env_example() -> str:
 if __name__ == "__main__":
     if "--env-example" in sys.argv:
         print(env_example(), end="")
-    elif "--get" in sys.argv:  # run.sh asks for a value that may come from .env
-        name = sys.argv[sys.argv.index("--get") + 1]
+    elif "--launch-plan" in sys.argv:  # run.sh: everything it needs to start the job, or one error and exit 2
         try:
-            print(getattr(RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env")), name.lower()))
-        except ConfigError:
-            print(getattr(RunConfig(), name.lower()))  # the full error comes from the job itself
+            print(launch_plan(load()), end="")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     elif "--check" in sys.argv:
         try:
-            print(json.dumps(RunConfig.from_env().public_dict(), indent=1))
+            print(json.dumps(load().config.public_dict(), indent=1))
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -23,6 +23,8 @@ class Dist:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> "Dist":
+        """The launcher (torchrun, DeepSpeed) sets these per process: they say which process this is, not how to
+        train, so they are read here rather than carried in the RunConfig (which every rank shares)."""
         return cls(int(environ.get("WORLD_SIZE", 1)), int(environ.get("RANK", 0)), int(environ.get("LOCAL_RANK", 0)))
 
     def init(self) -> None:

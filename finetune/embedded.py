@@ -7,19 +7,12 @@ Converted once to a normal Hugging Face folder in the cache and reused after tha
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from finetune.errors import ConfigError
 from finetune.paths import atomic_dir
 
 NAME = "SmolLM2-135M-Instruct"
-
-
-def cache_root(cache: str | None = None) -> Path:
-    base = cache or os.environ.get("RAPA_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "rapa")
-    return Path(base)
 
 
 def gguf_file() -> Path:
@@ -33,9 +26,10 @@ def gguf_file() -> Path:
     return files[0]
 
 
-def materialize(cache: str | None = None) -> Path:
-    """Return the HF folder of the embedded model, converting it on first use (about 20 s)."""
-    target = cache_root(cache) / "models" / NAME
+def materialize(cache_dir: Path) -> Path:
+    """Return the HF folder of the embedded model under `cache_dir` (RAPA_CACHE), converting it on first use
+    (about 20 s)."""
+    target = Path(cache_dir) / "models" / NAME
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     import torch

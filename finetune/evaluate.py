@@ -145,13 +145,11 @@ def _answers(label, cfg, base, tuned_dir, paths, tok, qs, pr, device) -> tuple[l
     the prompts and the generation length, and every run of the same base would otherwise recompute them."""
     import hashlib
 
-    from finetune.embedded import cache_root
-
     key = None
     if label == "base":
         ident = json.dumps([model_lib.model_identity(base), tok.chat_template, cfg.eval_max_new_tokens, [q["messages"] for q in qs],
                             [p["messages"] for p in pr], device], ensure_ascii=False)
-        key = cache_root() / "eval" / (hashlib.sha256(ident.encode()).hexdigest()[:20] + ".json")
+        key = cfg.cache_dir / "eval" / (hashlib.sha256(ident.encode()).hexdigest()[:20] + ".json")
         if key.is_file():
             cached = json.loads(key.read_text(encoding="utf-8"))
             return cached["preds"], cached["probe_preds"]

@@ -30,16 +30,16 @@ import time
 from pathlib import Path
 
 from finetune import gguf_check, llamacpp
-from finetune.config import RunConfig
-from finetune.errors import ConfigError, PipelineError, ResourceError
-from finetune.paths import RunPaths, atomic_dir, atomic_write_text
+from finetune.config import DEFAULT_GGUF, GGUF_FORMATS, RunConfig, gguf_list
+from finetune.errors import ConfigError, PipelineError
+from finetune.paths import RunPaths, atomic_dir, atomic_write_text, require_disk
 
-DEFAULT_FORMATS = "f16,q8_0,q5_k_m,q4_k_m"
 # format -> (convert_hf_to_gguf --outtype, gguf.LlamaFileType member written as general.file_type)
 CONVERTER_FORMATS = {"f16": ("f16", "MOSTLY_F16"), "bf16": ("bf16", "MOSTLY_BF16"), "q8_0": ("q8_0", "MOSTLY_Q8_0")}
 # formats made by llama.cpp's quantiser from a 16-bit GGUF: format -> LlamaFileType member
 QUANTISER_FORMATS = {"q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M"}
-ALL_FORMATS = tuple(CONVERTER_FORMATS) + tuple(QUANTISER_FORMATS)
+ALL_FORMATS = GGUF_FORMATS  # the config's list, which EXPORT_GGUF is checked against
+assert set(ALL_FORMATS) == set(CONVERTER_FORMATS) | set(QUANTISER_FORMATS), "config.GGUF_FORMATS and export disagree"
 MODELFILE_PREFERENCE = ("q4_k_m", "q5_k_m", "q8_0", "f16", "bf16")  # what the Modelfile points at (see _modelfile_target)
 # The sampling preset the Modelfile carries (finetune.generation.PRESETS): without one Ollama samples at 0.8.
 MODELFILE_PRESET = "factual"
@@ -64,7 +64,7 @@ def export(cfg: RunConfig, paths: RunPaths, log=print, device: str = "cpu") -> P
     questions, source = _check_questions(cfg, paths)
     tools = None
     if questions or any(f in QUANTISER_FORMATS for f in formats):  # llama.cpp itself: built once, then cached
-        tools = llamacpp.tools(cfg.llama_cpp_dir, log=log)
+        tools = llamacpp.tools(cfg.llama_cpp_dir, cfg.cache_dir, log=log)
     # k-quants without f16/bf16 asked for quantise from an f16 made aside (in the run folder, not /tmp)
     aside = any(f in QUANTISER_FORMATS for f in formats) and not {"f16", "bf16"} & set(formats)
     _check_disk(merged, Path(paths.gguf), len(formats) + int(aside))
@@ -130,12 +130,8 @@ def export(cfg: RunConfig, paths: RunPaths, log=print, device: str = "cpu") -> P
 
 # ----------------------------------------------------------------------------------------------------
 def parse_formats(value: str) -> list[str]:
-    """`EXPORT_GGUF` as an ordered list without repeats; empty means the default f16,q8_0."""
-    out: list[str] = []
-    for part in (value or "").split(",") if (value or "").strip() else DEFAULT_FORMATS.split(","):
-        fmt = part.strip().lower().replace("-", "_")
-        if fmt and fmt not in out:
-            out.append(fmt)
+    """`EXPORT_GGUF` as an ordered list without repeats, spelled as the config spells it; empty means the default."""
+    out = (gguf_list(value or "") or DEFAULT_GGUF).split(",")
     bad = [f for f in out if f not in ALL_FORMATS]
     if bad:
         raise ConfigError(f"EXPORT_GGUF={value!r}: unknown format(s) {', '.join(bad)}; allowed are {', '.join(ALL_FORMATS)}")
@@ -175,13 +171,7 @@ def _check_questions(cfg: RunConfig, paths: RunPaths) -> tuple[list[dict], str]:
 def _check_disk(merged: Path, out_dir: Path, n_formats: int) -> None:
     size = sum(p.stat().st_size for p in merged.rglob("*") if p.is_file())
     need = int(size * DISK_FACTOR * n_formats)
-    probe = out_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < need:
-        raise ResourceError(f"GGUF export of {n_formats} format(s) needs about {need / 1e9:.1f} GB free at {probe} "
-                            f"({merged} is {size / 1e9:.1f} GB); {free / 1e9:.1f} GB are free")
+    require_disk(out_dir, need, f"the GGUF export of {n_formats} format(s) ({merged} is {size / 1e9:.1f} GB)")
 
 
 # ----------------------------------------------------------------------------------------------------

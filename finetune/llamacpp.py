@@ -53,14 +53,13 @@ class Tools:
     origin: str  # where they came from, for export.json
 
 
-def cache_dir() -> Path:
-    from finetune.embedded import cache_root
-
-    return cache_root() / "llama.cpp" / BUILD_KEY
+def build_dir(cache: Path) -> Path:
+    return Path(cache) / "llama.cpp" / BUILD_KEY
 
 
-def tools(llama_cpp_dir: str = "", build: bool = True, log=print) -> Tools:
-    """llama.cpp's server and quantiser: from LLAMA_CPP_DIR when set, else the cached build (made now if missing)."""
+def tools(llama_cpp_dir: str, cache: Path, build: bool = True, log=print) -> Tools:
+    """llama.cpp's server and quantiser: from LLAMA_CPP_DIR when set, else the build in the cache folder (RAPA_CACHE),
+    made now if missing."""
     if llama_cpp_dir:
         folder = Path(llama_cpp_dir)
         found = {t: _find_in(folder, t) for t in TARGETS}
@@ -69,7 +68,7 @@ def tools(llama_cpp_dir: str = "", build: bool = True, log=print) -> Tools:
             raise ConfigError(f"LLAMA_CPP_DIR={llama_cpp_dir}: no {' or '.join(missing)} there (or in its bin/ or "
                               "build/bin/); leave it empty to build llama.cpp into the cache")
         return Tools(found["llama-server"], found["llama-quantize"], f"LLAMA_CPP_DIR={llama_cpp_dir}")
-    out = cache_dir()
+    out = build_dir(cache)
     if not _complete(out):
         if not build:
             raise PipelineError(f"llama.cpp is not built in {out}: python -m finetune.llamacpp build")
@@ -257,7 +256,8 @@ def main(argv: list[str]) -> int:
     from finetune.config import RunConfig
 
     try:
-        t = tools(RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env")).llama_cpp_dir)
+        cfg = RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env"))
+        t = tools(cfg.llama_cpp_dir, cfg.cache_dir)
     except (PipelineError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

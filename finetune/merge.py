@@ -8,15 +8,15 @@ gap to the adapter on the 4-bit base (what was trained), which merging into full
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune import model as model_lib
+from finetune import portable
 from finetune.config import RunConfig
 from finetune.data.tokenize import prompt_text
-from finetune.errors import ConfigError, ParityError, ResourceError
-from finetune.paths import RunPaths, atomic_dir
+from finetune.errors import ConfigError, ParityError
+from finetune.paths import RunPaths, atomic_dir, require_disk
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Parity:
     prompts: int
     stops_at_eos: bool
     qlora_gap: float | None = None   # adapter on the 4-bit base vs merged
+    fp8_gap: float | None = None     # BASE_PRECISION=fp8: adapter on the FP8 round trip of the base vs merged
 
     @property
     def ok(self) -> bool:
@@ -70,21 +71,12 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
         if device == "cuda":
             torch.cuda.empty_cache()
         if cfg.merge_parity == "on":
-            parity = _gate(cfg, tmp, tok, prompts, reference, ref_greedy, device, dtype)
-            if cfg.use_qlora:
-                parity.qlora_gap = _qlora_gap(cfg, base, paths, tok, prompts, tmp, device)
-            (tmp / "merge_parity.json").write_text(json.dumps(asdict(parity), indent=1) + "\n")
-            log(f"[merge] parity: max |logit diff| {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.1e}); "
-                f"greedy identical {parity.greedy_identical}/{parity.prompts}; stops at EOS: {parity.stops_at_eos}"
-                + (f"; QLoRA gap (4-bit base vs merged) {parity.qlora_gap:.3f}" if parity.qlora_gap is not None else ""))
-            if not parity.ok:
-                raise ParityError(f"merge rejected: max |logit diff| {parity.max_abs_logit_diff:.3e} vs tolerance "
-                                  f"{parity.tolerance:.1e}, greedy identical {parity.greedy_identical}/{parity.prompts}; "
-                                  f"the adapter in {paths.adapters} is not reproduced by the merged weights")
+            _parity_gate(cfg, base, paths, tok, prompts, reference, ref_greedy, tmp, device, dtype, log)
         else:
             log("[merge] MERGE_PARITY=off: parity gate skipped")
         if store != torch.float32:
             _restore_dtype(tmp, store, log)
+        portable.for_transformers4(tmp)  # after the last save_pretrained, which writes transformers 5's keys only
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
 
@@ -154,16 +146,7 @@ def _merge_sharded(cfg: RunConfig, paths: RunPaths, base: str, tok, prompts, dev
         if cfg.merge_parity == "off":
             log("[merge] MERGE_PARITY=off: parity gate skipped")
         elif gate:
-            parity = _gate(cfg, tmp, tok, prompts, reference, ref_greedy, device, dtype)
-            if cfg.use_qlora:
-                parity.qlora_gap = _qlora_gap(cfg, base, paths, tok, prompts, tmp, device)
-            (tmp / "merge_parity.json").write_text(json.dumps(asdict(parity), indent=1) + "\n")
-            log(f"[merge] parity: max |logit diff| {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.1e}); "
-                f"greedy identical {parity.greedy_identical}/{parity.prompts}; stops at EOS: {parity.stops_at_eos}")
-            if not parity.ok:
-                raise ParityError(f"merge rejected: max |logit diff| {parity.max_abs_logit_diff:.3e} vs tolerance "
-                                  f"{parity.tolerance:.1e}, greedy identical {parity.greedy_identical}/{parity.prompts}; "
-                                  f"the adapter in {paths.adapters} is not reproduced by the merged weights")
+            _parity_gate(cfg, base, paths, tok, prompts, reference, ref_greedy, tmp, device, dtype, log)
         else:
             log("[merge] parity gate skipped: model larger than memory; per-tensor check instead")
             worst = check_tensors(Path(base), paths.adapters, tmp)
@@ -171,6 +154,7 @@ def _merge_sharded(cfg: RunConfig, paths: RunPaths, base: str, tok, prompts, dev
                 {"mode": "per-tensor", "max_abs_weight_diff": worst, "merged_tensors": len(summary["merged"])},
                 indent=1) + "\n")
             log(f"[merge] per-tensor check: max |weight diff| {worst:.2e} over sampled merged tensors")
+        portable.for_transformers4(tmp)
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
 
@@ -226,6 +210,27 @@ def _greedy(model, tok, prompts: list[str], device: str, n: int = 24) -> list[li
     return res
 
 
+def _parity_gate(cfg, base: str, paths: RunPaths, tok, prompts, reference, ref_greedy, folder: Path, device, dtype,
+                 log=print) -> Parity:
+    """The gate, written into `folder` as merge_parity.json: the reloaded merge must reproduce the adapter on the
+    base (`reference`, `ref_greedy`), else ParityError. For QLoRA the gap to what was trained is logged too."""
+    parity = _gate(cfg, folder, tok, prompts, reference, ref_greedy, device, dtype)
+    if cfg.use_qlora:
+        parity.qlora_gap = _qlora_gap(cfg, base, paths, tok, prompts, folder, device)
+    elif cfg.base_precision == "fp8":
+        parity.fp8_gap = _fp8_gap(base, paths, tok, prompts, folder, device)
+    (folder / "merge_parity.json").write_text(json.dumps(asdict(parity), indent=1) + "\n")
+    log(f"[merge] parity: max |logit diff| {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.1e}); "
+        f"greedy identical {parity.greedy_identical}/{parity.prompts}; stops at EOS: {parity.stops_at_eos}"
+        + (f"; QLoRA gap (4-bit base vs merged) {parity.qlora_gap:.3f}" if parity.qlora_gap is not None else "")
+        + (f"; FP8 gap (FP8 base vs merged) {parity.fp8_gap:.3f}" if parity.fp8_gap is not None else ""))
+    if not parity.ok:
+        raise ParityError(f"merge rejected: max |logit diff| {parity.max_abs_logit_diff:.3e} vs tolerance "
+                          f"{parity.tolerance:.1e}, greedy identical {parity.greedy_identical}/{parity.prompts}; "
+                          f"the adapter in {paths.adapters} is not reproduced by the merged weights")
+    return parity
+
+
 def _gate(cfg, folder: Path, tok, prompts, reference, ref_greedy, device, dtype) -> Parity:
     import torch
     from transformers import AutoModelForCausalLM
@@ -267,10 +272,29 @@ def _qlora_gap(cfg, base, paths, tok, prompts, merged_dir: Path, device) -> floa
         return None
 
 
+def _fp8_gap(base, paths, tok, prompts, merged_dir: Path, device) -> float | None:
+    """Max |logit diff| between the adapter on the FP8 round trip of the base (what BASE_PRECISION=fp8 trained on:
+    its targeted projections through e4m3 with row scales) and the merged model."""
+    try:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from finetune import fp8
+
+        targets = json.loads((paths.adapters / "adapter_config.json").read_text()).get("target_modules")
+        q = model_lib.load_plain(base, tok, device)
+        fp8.round_trip_(q, None if isinstance(targets, str) else targets)  # a string is all-linear (or a pattern)
+        q = PeftModel.from_pretrained(q, str(paths.adapters)).eval()
+        a = _logits(q, tok, prompts, device)
+        m = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=model_lib.compute_dtype(device)).to(device).eval()
+        b = _logits(m, tok, prompts, device)
+        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    except Exception as e:  # informational only; the gate itself has already passed
+        print(f"[merge] could not measure the FP8 gap: {type(e).__name__}: {e}")
+        return None
+
+
 def _check_disk(base: str, dest: Path) -> None:
     need = sum(f.stat().st_size for f in Path(base).glob("*.safetensors")) * 1.1
     dest.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(dest).free
-    if free < need:
-        raise ResourceError(f"not enough disk for the merged model in {dest}: need about {need / 1e9:.1f} GB, "
-                            f"{free / 1e9:.1f} GB free")
+    require_disk(dest, need, "the merged model")

@@ -1,5 +1,8 @@
 """The one place that knows Unsloth vs Hugging Face, 4-bit vs full precision, and the LoRA targets.
 
+Everything that differs between the two backends lives on `Backend` (below): the gradient checkpointing modes each
+offers, the constants of the memory model the planner (finetune/plan.py) sizes micro-batches with, which LoRA
+kernels run, whether frozen weights can be streamed from host RAM, and the loader (`load_for_training`).
 Unsloth is imported only here and only when the backend resolves to it (a CUDA GPU and an importable unsloth);
 CPU machines never import it.
 """
@@ -12,10 +15,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finetune import embedded
 from finetune.config import RunConfig
 from finetune.errors import ConfigError
+from finetune.plan import shape_from_config
+
+if TYPE_CHECKING:
+    from finetune.plan import TrainPlan
 
 
 def resolve_base(cfg: RunConfig) -> str:
@@ -26,7 +34,7 @@ def resolve_base(cfg: RunConfig) -> str:
             raise ConfigError(f"BASE_MODEL_NAME={name}: folder has no config.json (not a Hugging Face model folder)")
         return str(Path(name))
     if name == embedded.NAME:
-        return str(embedded.materialize())
+        return str(embedded.materialize(cfg.cache_dir))
     try:
         from huggingface_hub import snapshot_download
 
@@ -36,11 +44,87 @@ def resolve_base(cfg: RunConfig) -> str:
                           f"({type(e).__name__}); point it at a downloaded model folder") from None
 
 
+# Saved activations per token per decoder layer, in bf16 values: a*hidden + b*intermediate. Unsloth, measured on
+# Llama-3.1-8B (H100): 120 KB per token per layer with LoRA dropout 0 (1.83 GiB per kept layer at 8 x 2048
+# tokens), plus ~37 KB of dropout masks (one byte per LoRA input element) with dropout > 0.
+# HF: raised after an H200 run (docs/BENCHMARKS.md, issue 7) where the old (10, 4) estimated 102 GiB for
+# 8 x 2048 tokens without checkpointing and the run needed more than 126 GiB; not yet calibrated precisely.
+ACT = {"unsloth": (4.8, 2.8), "hf": (16.0, 6.4)}
+
+# LORA_KERNELS=auto: fast_lora (eager decoder blocks) from this hidden size up, Unsloth's kernels in its compiled
+# blocks below: the eager blocks pay off only where the LoRA passes outweigh compiling the blocks' elementwise
+# work (measurements in docs/BENCHMARKS.md: faster at hidden 4096, slower at 1024, nothing measured between).
+FAST_LORA_MIN_HIDDEN = 3072
+
+
 @dataclass(frozen=True)
 class Backend:
     name: str      # "unsloth" | "hf"
     why: str
     device: str    # "cuda" | "cpu"
+
+    # ---- what the planner asks: the Unsloth/HF differences, answered here and nowhere else ------------------
+    @property
+    def unsloth(self) -> bool:
+        return self.name == "unsloth"
+
+    def checkpoint_modes(self, asked: str, offload_weights: str) -> list[str]:
+        """Gradient checkpointing modes worth sizing for GRADIENT_CHECKPOINTING=`asked`, leanest last."""
+        if not self.unsloth:
+            # HF has no partial or offloaded checkpointing: plain checkpointing is the leanest it has.
+            return ["off", "on"] if asked == "auto" else ["on" if asked == "offload" else asked]
+        if offload_weights == "on":
+            return ["stream"]
+        modes = ["off", "partial", "offload"] if asked == "auto" else [asked]
+        if offload_weights == "auto" and "offload" in modes:
+            modes.append("stream")  # slower than offload: chosen only when nothing before it fits
+        return modes
+
+    @property
+    def streams_weights(self) -> bool:
+        """OFFLOAD_WEIGHTS: frozen layers in host RAM, copied in as each runs (Unsloth's block swap)."""
+        return self.unsloth
+
+    @property
+    def activation_values(self) -> tuple[float, float]:
+        return ACT["unsloth" if self.unsloth else "hf"]
+
+    @property
+    def saves_dropout_masks(self) -> bool:
+        return self.unsloth
+
+    @property
+    def recompute_share(self) -> float:
+        """Share of a layer's activations alive while it is recomputed in backward."""
+        return 0.5 if self.unsloth else 1.0
+
+    @property
+    def logit_bytes_per_token_vocab(self) -> float:
+        # Unsloth: fused, chunked cross-entropy. HF: bf16 logits, their fp32 upcast and its gradient.
+        return 0.25 if self.unsloth else 10.0
+
+    def lora_kernels(self, cfg: RunConfig, shape: dict) -> tuple[str, str] | None:
+        """(fast | unsloth, why) on the Unsloth backend; None where there is no choice (HF)."""
+        if not self.unsloth:
+            return None
+        if cfg.lora_kernels != "auto":
+            return cfg.lora_kernels, f"LORA_KERNELS={cfg.lora_kernels}"
+        if shape["hidden"] >= FAST_LORA_MIN_HIDDEN:
+            return "fast", f"auto: hidden size {shape['hidden']} >= {FAST_LORA_MIN_HIDDEN}"
+        return "unsloth", f"auto: hidden size {shape['hidden']} < {FAST_LORA_MIN_HIDDEN}, compiled blocks gain more"
+
+    def gpu_memory(self) -> float | None:
+        """The card's memory in bytes (None off a GPU): the planner's budget before MAX_GPU_MEMORY and its margin."""
+        if self.device != "cuda":
+            return None
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory)
+
+
+def model_shape(base: str) -> dict:
+    """The base's shape as the planner's memory model reads it, from its config.json."""
+    return shape_from_config(json.loads((Path(base) / "config.json").read_text()))
 
 
 def choose_backend(cfg: RunConfig, world_size: int = 1) -> Backend:
@@ -134,14 +218,43 @@ def bnb_config(device: str):
                               bnb_4bit_quant_storage=torch.bfloat16 if device == "cuda" else torch.float32)
 
 
-def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int = 0, *,
-                      lora_kernels: str):
-    """The base (4-bit when USE_QLORA) with fresh LoRA adapters, ready for SFTTrainer.
+def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, p: TrainPlan):
+    """The base (4-bit when USE_QLORA) with fresh LoRA adapters, ready for SFTTrainer, as the plan `p` says:
 
-    grad_ckpt: off | on | offload | stream | partial (keep_layers decoder layers keep their activations; Unsloth only).
-    lora_kernels: fast | unsloth, the plan's choice (Unsloth backend only).
+    p.grad_ckpt: off | on | offload | stream | partial (p.keep_layers decoder layers keep their activations; Unsloth
+    only); p.lora_kernels: fast | unsloth (Unsloth only); p.replay_loss: kl needs the logits.
     """
-    if backend.name == "unsloth":
+    grad_ckpt, lora_kernels = p.grad_ckpt, p.lora_kernels
+    # BASE_PRECISION=fp8: the base loads in bf16, then its LoRA-wrapped projections become FP8 (finetune/fp8.py).
+    precision, why = base_precision(cfg, backend)
+    if precision == "fp8" and grad_ckpt == "stream":
+        raise ConfigError("BASE_PRECISION=fp8 does not fit this GPU's memory plan (only streamed weights fit, and FP8 "
+                          "weights stay on the GPU): use BASE_PRECISION=nf4 (QLoRA) here")
+    if precision == "fp8":
+        lora_kernels = "fast"  # the FP8 GEMMs live in fast_lora's routed Functions (finetune/fp8.py)
+    model = _load_peft(cfg, base, tok, backend, grad_ckpt, p.keep_layers, lora_kernels)
+    if precision == "fp8":
+        from finetune import fp8
+
+        n = fp8.quantize_lora_bases(model)
+        print(f"[model] FP8 base: {n['layers']} projections quantised to e4m3 (row scales), "
+              f"{n['bf16_bytes'] / 2**30:.2f} GiB bf16 -> {n['fp8_bytes'] / 2**30:.2f} GiB (weights + K-major copies)",
+              flush=True)
+    elif cfg.base_precision == "fp8":
+        print(f"[model] {why}", flush=True)
+    return model
+
+
+def base_precision(cfg: RunConfig, backend: Backend) -> tuple[str, str]:
+    """(nf4 | bf16 | fp8, why) for this run: BASE_PRECISION=fp8 falls back to bf16 where FP8 GEMMs cannot run."""
+    from finetune import fp8
+
+    return fp8.resolve(cfg.base_precision, cfg.use_qlora, backend.device)
+
+
+def _load_peft(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int,
+               lora_kernels: str):
+    if backend.unsloth:
         return _load_unsloth(cfg, base, tok, grad_ckpt, keep_layers, lora_kernels)
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -172,15 +285,12 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
                   lora_kernels: str):  # pragma: no cover - GPU
     from unsloth import FastLanguageModel
 
-    if cfg.replay_loss == "kl":  # the KL replay loss needs logits; Unsloth's fused loss skips them otherwise
-        os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")
-
     # off: every layer keeps its activations; on: standard recompute; offload/partial: Unsloth's offloaded
     # checkpointing, with `keep_layers` layers exempt from it under partial.
     ckpt = {"off": False, "on": True, "offload": "unsloth", "partial": "unsloth", "stream": "unsloth"}[grad_ckpt]
     # stream: every decoder layer loads straight into host RAM and is copied to the GPU as it runs (Unsloth's block
     # swap, two layers prefetched); the input embedding's looked-up rows are all that cross from it.
-    stream = {"offload_layers": _num_layers(base), "offload_embedding": True} if grad_ckpt == "stream" else {}
+    stream = {"offload_layers": model_shape(base)["layers"], "offload_embedding": True} if grad_ckpt == "stream" else {}
     model, _ = FastLanguageModel.from_pretrained(
         model_name=base, max_seq_length=cfg.max_seq_length, dtype=None, load_in_4bit=cfg.use_qlora,
         load_in_16bit=not cfg.use_qlora, use_gradient_checkpointing=ckpt, random_state=cfg.seed,
@@ -200,13 +310,25 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
             max_seq_length=cfg.max_seq_length, **extra)
 
 
-@contextlib.contextmanager
 def _unsloth_block_compile(on: bool):
     """Unsloth reads this switch when get_peft_model patches the model: "0" keeps its decoder blocks uncompiled."""
-    key = "UNSLOTH_BLOCK_COMPILE_LEGACY"
+    return _env_switch("UNSLOTH_BLOCK_COMPILE_LEGACY", None if on else "0")
+
+
+def training_switches(backend: Backend, replay_loss: str):
+    """Library switches read from the environment while a model trains; the train stage runs inside this and the
+    process environment is as it was afterwards. Unsloth's fused loss returns no logits unless told, and the KL
+    replay loss needs them (Unsloth reads the switch at every forward, so it stays set for the whole stage)."""
+    kl = backend.name == "unsloth" and replay_loss == "kl"
+    return _env_switch("UNSLOTH_RETURN_LOGITS", "1" if kl else None)
+
+
+@contextlib.contextmanager
+def _env_switch(key: str, value: str | None):
+    """Set environment variable `key` to `value` (None: leave it as it is) for the block, then restore it."""
     old = os.environ.get(key)
-    if not on:
-        os.environ[key] = "0"
+    if value is not None:
+        os.environ[key] = value
     try:
         yield
     finally:
@@ -214,11 +336,6 @@ def _unsloth_block_compile(on: bool):
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
-
-
-def _num_layers(base: str) -> int:
-    c = json.loads((Path(base) / "config.json").read_text())
-    return c.get("text_config", c)["num_hidden_layers"]
 
 
 def _match_vocab(model, tok) -> None:

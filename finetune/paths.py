@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.config import RunConfig
+from finetune.errors import ResourceError
 
 
 @dataclass(frozen=True)
@@ -118,3 +119,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def require_disk(where: Path, need: float, what: str, hint: str = "") -> float:
+    """Refuse to start (ResourceError, exit 4) when the filesystem holding `where` (or its nearest existing parent)
+    has less than `need` bytes free for `what`; return the free bytes. Train, merge and export check this way."""
+    probe = Path(where)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise ResourceError(f"not enough disk at {probe} for {what}: about {need / 1e9:.2f} GB needed, "
+                            f"{free / 1e9:.2f} GB free" + (f"; {hint}" if hint else ""))
+    return free

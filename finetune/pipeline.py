@@ -1,8 +1,6 @@
-"""Runs the stages a JOB names and maps failures to exit codes.
+"""Runs the stages a JOB names (the table is finetune/jobs.py) and maps failures to exit codes.
 
-    train            prepare -> replay -> train -> merge -> evaluate (-> export when EXPORT_GGUF)
-    resume_training  train (from the newest complete checkpoint) -> merge -> evaluate
-    prepare | merge | evaluate | export   one stage on the outputs already on disk
+    chat | generate | serve   the run's model in use (finetune/use.py)
 
 Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupted (resumable), 1 anything else.
 """
@@ -13,37 +11,37 @@ import os
 import sys
 import traceback
 
+from finetune import config as config_lib
 from finetune.config import SECRETS, RunConfig, describe
 from finetune.dist import Dist
 from finetune.errors import ConfigError, PipelineError, ResourceError
+from finetune.jobs import JOBS
 from finetune.paths import RunPaths
 from finetune.runlog import RunLog
 
-STAGES = {
-    "train": ("prepare", "replay", "train", "merge", "evaluate", "export"),
-    "resume_training": ("train", "merge", "evaluate", "export"),
-    "prepare": ("prepare",),
-    "merge": ("merge",),
-    "evaluate": ("evaluate",),
-    "export": ("export",),
-}
+STAGES = {name: job.stages for name, job in JOBS.items() if job.runner == "pipeline"}
+USE = ("chat", "generate", "serve")  # the trained model in use (finetune/use.py)
 
 
 def main(only: tuple[str, ...] | None = None) -> int:
     """Run JOB's stages (or just `only`, for the thin per-stage scripts); return the exit code."""
     try:
-        cfg = RunConfig.from_env(env_file=os.environ.get("ENV_FILE", ".env"))
+        settings = config_lib.load()
+        cfg = settings.config
+        if only is None and cfg.job not in STAGES:
+            raise ConfigError(f"JOB={cfg.job} is not a pipeline job: run it as ./run.sh {cfg.job}")
     except ConfigError as e:
         return _fail(e)
-    fault = os.environ.get("RAPA_FAULT", "")  # test-only; inert unless set
-    dist = Dist.from_env(os.environ)
+    for key, value in settings.library_env.items():  # .env's HF_TOKEN, WANDB_*, ...: where the libraries look
+        os.environ.setdefault(key, value)
+    dist = Dist.from_env(os.environ)  # set per process by the launcher, not settings of ours
     _setup_tracking(cfg)
     if dist.is_main:
         print(f"[config] JOB={cfg.job}\n{describe(cfg)}", flush=True)
     paths = RunPaths.from_config(cfg)
     runlog = RunLog(cfg, paths, enabled=dist.is_main)
     try:
-        run(cfg, paths, runlog, fault, only, dist)
+        run(cfg, paths, runlog, only, dist)
     except PipelineError as e:
         runlog.finish(e.exit_code, str(e))
         return _fail(e)
@@ -63,12 +61,14 @@ def main(only: tuple[str, ...] | None = None) -> int:
     return 0
 
 
-def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: tuple[str, ...] | None = None,
+def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] | None = None,
         dist: Dist = Dist()) -> None:
     """The table of contents of a job. With several processes, rank 0 does everything but training alone."""
     from finetune import model as model_lib
 
     stages = only or STAGES[cfg.job]
+    if stages[0] in USE:
+        return _use(cfg, paths, runlog, stages[0])
     if cfg.job == "resume_training" and _finished(paths):
         print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
         return
@@ -99,12 +99,16 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
             build_replay(cfg, paths, base, backend.device)
     dist.barrier()  # the other ranks read the prepared data rank 0 just wrote
     if "train" in stages:
-        with runlog.stage("train"):
-            from finetune.train import Faults, train
+        with runlog.stage("train") as record:
+            from finetune.plan import resolve_replay_loss
+            from finetune.train import train
 
             tok, _ = model_lib.load_tokenizer(base, cfg)
-            adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training", faults=Faults.parse(fault),
-                             world_size=dist.world_size, is_main=dist.is_main)
+            replay_loss = resolve_replay_loss(cfg, backend.device)
+            with model_lib.training_switches(backend, replay_loss):
+                adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
+                                 world_size=dist.world_size, is_main=dist.is_main)
+            record["replay_loss"] = replay_loss  # as the plan resolved it
             runlog.artefact("adapters", adapters)
     if not dist.is_main:
         return
@@ -124,8 +128,30 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, fault: str = "", only: 
             from finetune.export import export
 
             runlog.artefact("gguf", export(cfg, paths, device=backend.device))
-    print(f"[done] outputs in {paths.run_dir}:  adapter {paths.adapters.name}/  merged {paths.merged.name}/  "
-          f"report {paths.eval_dir / 'report.md'}", flush=True)
+    _print_done(cfg, paths, stages)
+
+
+def _print_done(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:
+    """Name what this job's stages wrote, and nothing they did not."""
+    made = {"prepare": paths.data_dir, "train": paths.adapters, "merge": paths.merged,
+            "evaluate": paths.eval_dir / "report.md", "export": paths.gguf}
+    ran = [made[s] for s in stages if s in made and (s != "export" or cfg.job == "export" or cfg.export_gguf)]
+    outputs = "  ".join(f"{p.relative_to(paths.run_dir)}{'/' if p.is_dir() else ''}" for p in ran if p.exists())
+    print(f"[done] outputs in {paths.run_dir}:  {outputs}", flush=True)
+
+
+def _use(cfg: RunConfig, paths: RunPaths, runlog: RunLog, job: str) -> None:
+    """The run's model in use: no training machinery; the base is resolved only for an adapter not yet merged."""
+    from finetune import use
+
+    if job == "chat":  # interactive: nothing to record beyond the job's own line in run.json
+        use.chat(cfg, paths)
+        return
+    with runlog.stage(job):
+        if job == "generate":
+            runlog.artefact("answers", use.generate_file(cfg, paths))
+        else:
+            use.serve(cfg, paths)
 
 
 def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:

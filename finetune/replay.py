@@ -12,7 +12,7 @@ import json
 import shutil
 from pathlib import Path
 
-from finetune import embedded, model as model_lib
+from finetune import model as model_lib
 from finetune.config import RunConfig
 from finetune.paths import RunPaths, atomic_write_text
 
@@ -23,7 +23,7 @@ def build_replay(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu"
                  prompts_file: Path = PROMPTS) -> Path:
     prompts = json.loads(Path(prompts_file).read_text(encoding="utf-8"))
     key = hashlib.sha256((json.dumps(prompts) + model_lib.model_identity(base) + cfg.chat_template + str(max_new_tokens)).encode()).hexdigest()[:16]
-    cached = embedded.cache_root() / "replay" / f"{cfg.model_slug}-{key}.jsonl"
+    cached = cfg.cache_dir / "replay" / f"{cfg.model_slug}-{key}.jsonl"
     if not cached.is_file():
         from finetune.generation import generate
 

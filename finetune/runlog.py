@@ -8,7 +8,7 @@ import resource
 import time
 from pathlib import Path
 
-from finetune.checkpoints import sha256
+from finetune.checkpoints import sha256, versions
 from finetune.config import RunConfig
 from finetune.paths import RunPaths, atomic_write_text
 
@@ -30,7 +30,7 @@ class RunLog:
         _reset_gpu_peak()
         t0 = time.time()
         try:
-            yield
+            yield rec  # the stage may add facts of its own (the train stage: the resolved REPLAY_LOSS)
             rec["status"] = "ok"
         except BaseException as e:
             rec["status"] = "failed"
@@ -51,8 +51,6 @@ class RunLog:
         self._write()
 
     def finish(self, code: int, message: str) -> None:
-        from finetune.train import versions  # heavy import only at the end, when it is there anyway
-
         self.data["jobs"][-1].update(ended=_now(), exit_code=code, message=message[:500])
         try:
             self.data["versions"] = versions()

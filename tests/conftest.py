@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "transformers4: runs an artefact in transformers 4, in its own venv under the cache "
+                            "(built from PyPI on first use, then reused)")
 
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
+    from finetune.config import RunConfig
     from finetune.embedded import materialize
 
-    return materialize()
+    return materialize(RunConfig().cache_dir)
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +49,7 @@ def clean_env(monkeypatch, tmp_path):
 
     for f in dataclasses.fields(RunConfig):
         monkeypatch.delenv(f.name.upper(), raising=False)
-    for k in ("RAPA_FAULT", "WANDB_API_KEY", "HF_TOKEN", "ENV_FILE"):
+    for k in ("WANDB_API_KEY", "HF_TOKEN", "ENV_FILE", "RAPA_CALLER_DIR"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.chdir(tmp_path)
     return monkeypatch

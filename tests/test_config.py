@@ -55,6 +55,108 @@ def test_misspelled_variable_in_environment_is_an_error_but_unrelated_ones_are_n
     RunConfig.from_env({"PATH": "/bin", "HOME": "/root", "WANDB_API_KEY": "x"}, None)
 
 
+@pytest.mark.parametrize("name", ["LORA_RNAK", "LORA_RANKK", "BATCHSIZE", "RANK_LORA", "LEARNING_RAT", "SEEED"])
+def test_near_misses_of_our_names_in_the_environment_stop_the_job(name):
+    with pytest.raises(ConfigError, match=f"{name}: unknown variable in the environment"):
+        RunConfig.from_env({name: "8"}, None)
+
+
+def test_other_tools_variables_in_the_environment_are_left_alone():
+    # each of these ended a job with exit 2 when every DATA_*/NUM_*/SAVE_*/USE_* name was taken for ours
+    others = {"DATA_DIR": "/data", "NUM_THREADS": "8", "SAVE_DIR": "/s", "USE_CUDA": "1", "MAX_JOBS": "4",
+              "NUM_WORKERS": "2", "EVAL_DIR": "/e", "TRAIN_FILE": "t", "PYTHONHASHSEED": "0", "CUDA_HOME": "/cuda",
+              "MASTER_PORT": "29501", "LOCAL_RANK": "0", "RAPA_NO_VENV": "1"}
+    RunConfig.from_env(others, None)
+
+
+def test_dotenv_is_ours_unknown_names_there_stay_errors(tmp_path):
+    env_file = tmp_path / ".env"
+    env_file.write_text("DATA_DIR=/data\n")
+    with pytest.raises(ConfigError, match="DATA_DIR: unknown variable in"):
+        RunConfig.from_env({}, env_file)
+
+
+@pytest.mark.parametrize("name", ["RAPA_NO_VENV", "ENV_FILE", "PYTHON", "VENV"])
+def test_run_sh_only_variables_are_refused_in_dotenv_not_ignored(tmp_path, name):
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"{name}=1\n")
+    with pytest.raises(ConfigError, match=f"{name} in .*run.sh reads it before the file is found"):
+        RunConfig.from_env({}, env_file)
+    RunConfig.from_env({name: "1"}, None)  # in the environment, where run.sh reads it, it is fine
+
+
+def test_launch_settings_come_from_dotenv_and_the_environment_wins(tmp_path):
+    from finetune.config import load
+
+    env_file = tmp_path / ".env"
+    env_file.write_text("NNODES=2\nNODE_RANK=1\nMASTER_ADDR=10.0.0.1\nHF_TOKEN=hf_x\n")
+    s = load({"MASTER_ADDR": "10.0.0.9"}, env_file)
+    assert s.launch == {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29500", "HOSTFILE": ""}
+    assert s.library_env == {"HF_TOKEN": "hf_x"}  # exported by the pipeline, where huggingface_hub looks
+    with pytest.raises(ConfigError, match="NODE_RANK=2 with NNODES=2"):
+        load({"NNODES": "2", "NODE_RANK": "2"}, None)
+    with pytest.raises(ConfigError, match="HOSTFILE=/nonexistent/hosts: no such file"):
+        load({"HOSTFILE": "/nonexistent/hosts"}, None)
+
+
+def test_launch_plan_is_shell_assignments_run_sh_can_eval(tmp_path):
+    import subprocess
+
+    from finetune.config import launch_plan, load
+
+    plan = launch_plan(load({"JOB": "resume_training", "NUM_GPUS": "2", "MASTER_ADDR": "a b;echo x"}, None))
+    out = subprocess.run(["bash", "-c", f'eval "$1"; echo "$JOB|$JOB_GPUS|$NUM_GPUS|$MASTER_ADDR|$NNODES"', "_", plan],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "resume_training|1|2|a b;echo x|1\n"
+    assert "JOB_RUNNER=pytest" in launch_plan(load({"JOB": "test"}, None))
+
+
+def test_one_job_table_feeds_the_config_the_pipeline_and_help():
+    from finetune import config, jobs, pipeline
+
+    assert config.JOBS == tuple(jobs.JOBS)
+    assert set(pipeline.STAGES) == {n for n, j in jobs.JOBS.items() if j.runner == "pipeline"}
+    text = config.help_text()
+    assert all(f"  {name} " in text for name in jobs.JOBS)
+
+
+def test_a_job_that_is_not_a_pipeline_job_is_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "JOB": "test", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "finetune"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: JOB=test is not a pipeline job: run it as ./run.sh test"]
+
+
+@pytest.mark.parametrize("env,needle", [({"JOB": "tst"}, "JOB='tst': allowed values are"),
+                                        ({"LORA_RANK": "x"}, "LORA_RANK='x': expected an integer")])
+def test_run_sh_stops_on_a_bad_configuration_with_one_line_before_launching(tmp_path, env, needle):
+    import os
+    import subprocess
+
+    base = {k: v for k, v in os.environ.items() if k not in {"JOB", "LORA_RANK", "ENV_FILE"}}
+    r = subprocess.run([str(ROOT / "run.sh")], cwd=ROOT, env={**base, **env, "ENV_FILE": str(tmp_path / ".env")},
+                       capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: configuration: {needle}"), r.stderr
+    assert "[config]" not in r.stdout  # it stopped before the job started
+
+
+def test_export_gguf_is_normalised_by_the_config():
+    cfg = RunConfig.from_env({"EXPORT_GGUF": " Q8-0, f16 ,q8_0"}, None)
+    assert cfg.export_gguf == "q8_0,f16"
+    with pytest.raises(ConfigError, match=r"EXPORT_GGUF='q3': unknown format\(s\) q3"):
+        RunConfig.from_env({"EXPORT_GGUF": "Q3"}, None)
+
+
+def test_the_cache_folder_is_resolved_by_the_config(tmp_path):
+    assert RunConfig.from_env({"RAPA_CACHE": str(tmp_path)}, None).cache_dir == tmp_path
+    assert RunConfig.from_env({"XDG_CACHE_HOME": str(tmp_path)}, None).cache_dir == tmp_path / "rapa"
+    assert RunConfig.from_env({"HOME": str(tmp_path)}, None).rapa_cache  # resolved, never left empty
+
+
 def test_demo_preset_only_when_model_and_data_are_the_embedded_defaults():
     demo = RunConfig.from_env({}, None)
     assert demo.num_epochs == 9 and demo.learning_rate == 1e-3 and demo.batch_size == "auto"

@@ -162,8 +162,8 @@ def test_f16_that_computes_another_function_fails_the_check(exported, smollm2_di
     questions = [{"id": f"q{i}", "messages": [{"role": "user", "content": q}], "answers": [a]}
                  for i, (q, a) in enumerate(QUESTIONS)]
     with pytest.raises(PipelineError, match=r"f16\.gguf log-probabilities of its chosen tokens differ .* by up to 0\.[2-9]"):
-        gguf_check.check({"f16": out / f"{SLUG}-f16.gguf"}, wrong, questions, "test", 32, tools(), tmp_path,
-                         log=lambda s: None)
+        gguf_check.check({"f16": out / f"{SLUG}-f16.gguf"}, wrong, questions, "test", 32,
+                         tools("", RunConfig().cache_dir), tmp_path, log=lambda s: None)
 
 
 def test_modelfile_carries_template_stop_and_sampling(exported):
@@ -288,4 +288,4 @@ def test_llama_cpp_dir_without_the_programs_is_a_config_error(tmp_path):
     (tmp_path / "bin" / "llama-server").write_text("#!/bin/sh\n")
     (tmp_path / "bin" / "llama-server").chmod(0o755)
     with pytest.raises(ConfigError, match=r"LLAMA_CPP_DIR=.*: no llama-quantize there"):
-        tools(str(tmp_path))
+        tools(str(tmp_path), tmp_path / "cache")

@@ -4,7 +4,7 @@ cross-entropy on the user's tokens plus KL(base || tuned) on the replay tokens."
 import pytest
 import torch
 
-from finetune.train import ReplayMaskCollator, replay_kl_loss
+from finetune.trainer import ReplayMaskCollator, replay_kl_loss
 
 
 def _examples():
@@ -73,15 +73,14 @@ def test_a_drifted_adapter_pays_kl_on_replay_tokens_and_gets_a_gradient(tiny_lla
 
 def test_auto_takes_kl_on_a_cpu_and_sft_on_a_gpu(tmp_path):
     from finetune.config import RunConfig
-    from finetune.model import Backend
-    from finetune.train import resolve_replay_loss
+    from finetune.plan import resolve_replay_loss
 
     cfg = RunConfig(base_model_name=str(tmp_path), report_to="none")
     assert cfg.replay_loss == "auto"
-    assert resolve_replay_loss(cfg, Backend("hf", "test", "cpu")) == "kl"
-    assert resolve_replay_loss(cfg, Backend("unsloth", "test", "cuda")) == "sft"
+    assert resolve_replay_loss(cfg, "cpu") == "kl"
+    assert resolve_replay_loss(cfg, "cuda") == "sft"
     assert resolve_replay_loss(RunConfig(base_model_name=str(tmp_path), report_to="none", replay_loss="kl"),
-                               Backend("unsloth", "test", "cuda")) == "kl"
+                               "cuda") == "kl"
 
 
 def test_replay_weight_scales_only_the_replay_part(tiny_llama_dir):
@@ -94,12 +93,11 @@ def test_replay_weight_scales_only_the_replay_part(tiny_llama_dir):
 def test_replay_weight_is_refused_where_the_replay_loss_is_sft(tmp_path):
     from finetune.config import RunConfig
     from finetune.errors import ConfigError
-    from finetune.model import Backend
-    from finetune.train import resolve_replay_loss
+    from finetune.plan import resolve_replay_loss
 
     with pytest.raises(ConfigError, match="REPLAY_WEIGHT=2.*REPLAY_LOSS=sft"):
         RunConfig.from_env({"BASE_MODEL_NAME": str(tmp_path), "REPLAY_WEIGHT": "2", "REPLAY_LOSS": "sft"}, env_file=None)
     cfg = RunConfig(base_model_name=str(tmp_path), report_to="none", replay_weight=2.0)
-    assert resolve_replay_loss(cfg, Backend("hf", "test", "cpu")) == "kl"
+    assert resolve_replay_loss(cfg, "cpu") == "kl"
     with pytest.raises(ConfigError, match="REPLAY_WEIGHT=2.*REPLAY_LOSS=kl"):
-        resolve_replay_loss(cfg, Backend("unsloth", "test", "cuda"))
+        resolve_replay_loss(cfg, "cuda")

@@ -12,8 +12,10 @@ from finetune.data.prepare import prepare
 from finetune.errors import ConfigError, Interrupted
 from finetune.model import Backend, load_tokenizer
 from finetune.paths import RunPaths
-from finetune.train import Faults, NonFiniteLoss, train
+from finetune.train import train
+from finetune.trainer import NonFiniteLoss
 from tests.conftest import qa_rows, write_jsonl
+from tests.faults import faults
 
 CPU = Backend("hf", "test", "cpu")
 
@@ -43,7 +45,10 @@ def adapter_tensors(folder):
 
 
 def test_lora_learns_and_only_lora_weights_change(tmp_path, tiny_llama_dir):
+    from safetensors.torch import load_file
+
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, num_epochs=3)
+    base_before = load_file(str(tiny_llama_dir / "model.safetensors"))
     out = train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
     curve = losses(paths)
     assert len(curve) == 12 and curve[-1]["loss"] < curve[0]["loss"]
@@ -51,9 +56,10 @@ def test_lora_learns_and_only_lora_weights_change(tmp_path, tiny_llama_dir):
     tensors = adapter_tensors(out)
     assert tensors and all("lora_" in k for k in tensors)
     assert any(float(t.abs().sum()) > 0 for k, t in tensors.items() if "lora_B" in k)  # B starts at zero
-    # the base checkpoint on disk is untouched
-    from safetensors.torch import load_file
-    assert all(torch.isfinite(t).all() for t in load_file(str(tiny_llama_dir / "model.safetensors")).values())
+    # the adapter holds the only trained weights: the base on disk is exactly what it was
+    base_after = load_file(str(tiny_llama_dir / "model.safetensors"))
+    assert base_after.keys() == base_before.keys()
+    assert all(torch.equal(base_before[k], base_after[k]) for k in base_before)
     assert (out / "chat_template.jinja").is_file() or "chat_template" in (out / "tokenizer_config.json").read_text()
 
 
@@ -66,6 +72,8 @@ def test_checkpoints_are_sealed_and_rotated(tmp_path, tiny_llama_dir):
         assert ck.verify(p) is None
         m = ck.read_manifest(p)
         assert {"step", "epoch", "fingerprint", "versions", "data_fingerprint", "config"} <= set(m)
+        assert m["replay_loss"] == m["fingerprint"]["replay_loss"] == "sft"  # as resolved: auto, no replay rows
+        assert m["config"]["replay_loss"] == "auto"                           # as the user set it
         assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"} <= set(m["files"])
 
 
@@ -77,7 +85,7 @@ def test_resume_after_sigterm_equals_the_uninterrupted_run(tmp_path, tiny_llama_
 
     cfg2, paths2, tok2 = setup_run(tmp_path / "cut", tiny_llama_dir, save_steps=100)
     with pytest.raises(Interrupted) as e:
-        train(cfg2, paths2, str(tiny_llama_dir), tok2, CPU, resume=False, faults=Faults(sigterm_at_step=stop_at))
+        train(cfg2, paths2, str(tiny_llama_dir), tok2, CPU, resume=False, extra_callbacks=faults(sigterm_at_step=stop_at))
     assert e.value.exit_code == 75 and f"checkpoint-{stop_at}" in str(e.value)
     out = train(cfg2, paths2, str(tiny_llama_dir), tok2, CPU, resume=True)
     got = losses(paths2)
@@ -93,23 +101,12 @@ def test_resume_after_sigterm_equals_the_uninterrupted_run(tmp_path, tiny_llama_
 def test_kill_during_checkpoint_write_resumes_from_the_previous_complete_one(tmp_path, tiny_llama_dir):
     import subprocess
     import sys
-    import textwrap
 
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
-    script = textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {str(tmp_path.parent)!r})
-        from finetune.config import RunConfig
-        from finetune.paths import RunPaths
-        from finetune.model import Backend, load_tokenizer
-        from finetune.train import Faults, train
-        cfg = RunConfig(**{cfg.public_dict()!r})
-        tok, _ = load_tokenizer(cfg.base_model_name, cfg)
-        train(cfg, RunPaths.from_config(cfg), cfg.base_model_name, tok, Backend("hf", "t", "cpu"), resume=False,
-              faults=Faults(crash_in_save_at_step=6))
-    """)
     import finetune, os
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(finetune.__file__))}
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "tests.faults", json.dumps(cfg.public_dict()), "crash_in_save_at_step=6"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=env["PYTHONPATH"])
     assert r.returncode == 137, r.stderr[-2000:]
     assert (paths.checkpoints / "checkpoint-6").is_dir() and not (paths.checkpoints / "checkpoint-6" / ck.MARKER).exists()
     said = []
@@ -122,7 +119,7 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_complete_one(tmp
 def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_llama_dir):
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, save_steps=3, num_epochs=1.5)
     with pytest.raises(Interrupted):
-        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(sigterm_at_step=5))
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, extra_callbacks=faults(sigterm_at_step=5))
     newest = paths.checkpoints / "checkpoint-5"
     f = newest / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
@@ -136,7 +133,7 @@ def test_corrupted_newest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_l
 def test_resume_refuses_a_changed_config_with_a_field_diff(tmp_path, tiny_llama_dir):
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
     with pytest.raises(Interrupted):
-        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(sigterm_at_step=3))
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, extra_callbacks=faults(sigterm_at_step=3))
     changed = RunConfig(**{**cfg.public_dict(), "lora_rank": 8})
     with pytest.raises(ConfigError, match="lora_rank: checkpoint has 16, now 8") as e:
         train(changed, paths, str(tiny_llama_dir), tok, CPU, resume=True)
@@ -146,7 +143,7 @@ def test_resume_refuses_a_changed_config_with_a_field_diff(tmp_path, tiny_llama_
 def test_resume_keeps_the_optimizer_its_checkpoint_was_written_with(tmp_path, tiny_llama_dir):
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
     with pytest.raises(Interrupted):
-        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(sigterm_at_step=3))
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, extra_callbacks=faults(sigterm_at_step=3))
     assert ck.read_manifest(ck.newest_complete(paths.checkpoints))["optim"] == "adamw_torch"
     said = []
     other = RunConfig(**{**cfg.public_dict(), "optim": "adamw_torch_fused"})
@@ -159,7 +156,7 @@ def test_train_refuses_to_clobber_checkpoints_and_resume_needs_one(tmp_path, tin
     with pytest.raises(ConfigError, match="no complete checkpoint"):
         train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=True)
     with pytest.raises(Interrupted):
-        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(sigterm_at_step=3))
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, extra_callbacks=faults(sigterm_at_step=3))
     with pytest.raises(ConfigError, match="JOB=resume_training.*OVERWRITE=1"):
         train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
     again = RunConfig(**{**cfg.public_dict(), "overwrite": True})
@@ -169,21 +166,31 @@ def test_train_refuses_to_clobber_checkpoints_and_resume_needs_one(tmp_path, tin
 def test_non_finite_loss_stops_before_the_optimizer_and_keeps_the_last_checkpoint(tmp_path, tiny_llama_dir):
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir)
     with pytest.raises(NonFiniteLoss, match="non-finite loss.* at step 5.*before the optimizer step"):
-        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, faults=Faults(nan_at_step=5))
+        train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False, extra_callbacks=faults(nan_at_step=5))
     assert ck.newest_complete(paths.checkpoints).name == "checkpoint-3"
     assert not paths.adapters.exists()
 
 
 def test_eval_loss_during_training_and_early_stopping(tmp_path, tiny_llama_dir):
     cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, eval_fraction=0.25, eval_steps=2, save_steps=2,
-                                early_stopping_patience=1, num_epochs=6, learning_rate=5e-2)
-    train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
+                                early_stopping_patience=1, num_epochs=6, learning_rate=0.2)
+    out = train(cfg, paths, str(tiny_llama_dir), tok, CPU, resume=False)
     recs = [json.loads(l) for l in open(paths.metrics)]
     evals = [r for r in recs if "eval_loss" in r]
     assert evals and all(r["step"] % 2 == 0 for r in evals)
     n_train = len([l for l in open(paths.train_file)])
     full = 6 * -(-n_train // 4)
-    assert max(r["step"] for r in recs) <= full
+    last = max(r["step"] for r in recs)
+    assert last < full, "early stopping never fired"
+    # patience 1: it stopped at the first eval that did not improve on the best one
+    losses_ = [r["eval_loss"] for r in evals]
+    assert losses_[-1] >= min(losses_[:-1]) and all(a > b for a, b in zip(losses_[:-2], losses_[1:-1]))
+    # and the adapter it kept is the best checkpoint's, not the last step's
+    best_step = min(evals, key=lambda r: r["eval_loss"])["step"]
+    assert best_step < last
+    best = adapter_tensors(paths.checkpoints / f"checkpoint-{best_step}")
+    final = adapter_tensors(out)
+    assert final.keys() == best.keys() and all(torch.equal(final[k], best[k]) for k in best)
 
 
 def test_tensorboard_reporting_writes_event_files(tmp_path, tiny_llama_dir):
@@ -210,7 +217,7 @@ def test_training_refuses_to_start_without_disk_for_its_checkpoints(tmp_path, ti
 def test_tokens_are_counted_on_the_host_as_trl_counts_them(padding_free):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from finetune.train import TokenCountCollator
+    from finetune.trainer import TokenCountCollator
 
     rows = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}, {"input_ids": [9, 10], "labels": [-100, 10]}]
     batch = TokenCountCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free))(rows)

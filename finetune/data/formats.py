@@ -1,31 +1,26 @@
-"""Reading every input format the seeds use and normalising rows to one shape.
+"""Recognising the shape of a row and normalising it to one form.
 
 A normalised row is either a conversation `{"messages": [{"role", "content"}, ...]}` or plain text `{"text"}`.
-Each raw row carries where it came from (`where`: file and line or item) so rejections can point at it.
-Reading streams: JSONL is read line by line; a JSON array or a KorQuAD document is parsed whole (it is one
-JSON value), then walked.
+Files are read by finetune/data/readers.py; this module sees one parsed row (a dict) at a time.
+
+Question/answer rows are found by their column names (`QA_COLUMNS`, matched without regard to case, as
+spreadsheet headers vary) or mapped explicitly with DATA_COLUMNS.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from finetune.errors import DataError
+from finetune.data.readers import RawRow, iter_raw_rows  # noqa: F401  (callers that read and normalise import both here)
 
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
-
-
-@dataclass
-class RawRow:
-    where: str              # "file.jsonl:12" or "file.json item 3"
-    raw: Any                # the parsed JSON value, or None when it did not parse
-    error: str = ""         # why it could not be read (bad JSON, not UTF-8)
-    text: str = ""          # the start of the raw line, for rejected.jsonl
+# (question column, answer column) pairs in the order they are tried. instruction/output rows are alpaca, and
+# auto-detection calls input/output rows seed 003's input_output first; DATA_FORMAT=qa reads them here too.
+QA_COLUMNS = (("question", "answer"), ("prompt", "response"), ("prompt", "completion"), ("query", "response"),
+              ("input", "output"))
+CONTEXT_COLUMNS = ("context", "passage")
 
 
 class RowError(ValueError):
@@ -35,103 +30,11 @@ class RowError(ValueError):
     def kind(self) -> str:
         msg = str(self.args[0]) if self.args else ""
         for marker in ("missing field", "must be a string", "is empty", "unknown role", "no assistant turn",
-                       "system message", "must be a non-empty list", "must be an object", "expected a JSON object"):
+                       "system message", "must be a non-empty list", "must be an object", "expected a JSON object",
+                       "no question/answer columns"):
             if marker in msg:
                 return marker
         return msg
-
-
-# ----------------------------------------------------------------------------------------------------
-def iter_raw_rows(path: str | Path, qa_with_context: bool = False) -> Iterator[RawRow]:
-    """Yield every row under `path`: a JSON/JSONL file, a folder of them, or a `datasets.save_to_disk` folder."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"DATA_PATH={path}: no such file or folder")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists() or (path / "dataset_dict.json").exists():
-            yield from _iter_saved_dataset(path)
-            return
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".json", ".jsonl") and p.is_file())
-        if not files:
-            raise DataError(f"DATA_PATH={path}: folder holds no .json or .jsonl files")
-        for f in files:
-            yield from _iter_file(f)
-        return
-    yield from _iter_file(path)
-
-
-def _iter_file(path: Path) -> Iterator[RawRow]:
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
-    is_document = head[:1] == b"[" or (head[:1] == b"{" and not _first_line_is_object(path))
-    if is_document:
-        try:
-            doc = json.loads(path.read_bytes().decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: JSON does not parse ({e.msg}, column {e.colno})") from None
-        if isinstance(doc, dict) and isinstance(doc.get("data"), list):
-            yield from _iter_squad(doc, path)
-        elif isinstance(doc, list):
-            for i, item in enumerate(doc, 1):
-                yield RawRow(f"{path.name} item {i}", item, text=_preview(item))
-        else:
-            raise DataError(f"{path}: a JSON document must be an array of rows or a KorQuAD/SQuAD object with 'data'")
-        return
-    with open(path, "rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path.name}:{lineno}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield RawRow(where, None, f"not UTF-8 ({e.reason} at byte {e.start})", line[:200].decode("utf-8", "replace"))
-                continue
-            try:
-                yield RawRow(where, json.loads(text), text=text[:200])
-            except json.JSONDecodeError as e:
-                yield RawRow(where, None, f"JSON does not parse ({e.msg}, column {e.colno})", text[:200])
-
-
-def _first_line_is_object(path: Path) -> bool:
-    """A file starting with '{' is JSONL when its first line alone is a complete JSON row (a one-line
-    KorQuAD/SQuAD document, with its 'data' list, is a document, not a row)."""
-    with open(path, "rb") as fh:
-        first = fh.readline()
-    try:
-        value = json.loads(first)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return not (isinstance(value, dict) and isinstance(value.get("data"), list))
-
-
-def _iter_squad(doc: dict, path: Path) -> Iterator[RawRow]:
-    for a, article in enumerate(doc["data"]):
-        for p, para in enumerate(article.get("paragraphs", []) if isinstance(article, dict) else []):
-            context = para.get("context", "") if isinstance(para, dict) else ""
-            for q, qa in enumerate(para.get("qas", []) if isinstance(para, dict) else []):
-                where = f"{path.name} data[{a}].paragraphs[{p}].qas[{q}]"
-                row = {"__squad__": True, "context": context, **qa} if isinstance(qa, dict) else qa
-                yield RawRow(where, row, text=_preview(qa))
-
-
-def _iter_saved_dataset(path: Path) -> Iterator[RawRow]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    for i, row in enumerate(ds, 1):
-        yield RawRow(f"{path.name} row {i}", row, text=_preview(row))
-
-
-def _preview(value: Any) -> str:
-    try:
-        return json.dumps(value, ensure_ascii=False)[:200]
-    except (TypeError, ValueError):
-        return str(value)[:200]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -152,23 +55,52 @@ def detect(row: Any) -> str | None:
         return "alpaca"
     if "input" in row and "output" in row:
         return "input_output"
+    if "question" in row and "context" in row and isinstance(row.get("answers"), (dict, list)):
+        return "korquad"  # a flattened SQuAD/KorQuAD row, as the Hugging Face squad datasets store them
+    if qa_columns(row):
+        return "qa"
     if "text" in row:
         return "text"
     return None
 
 
-def normalise(row: Any, fmt: str, qa_with_context: bool) -> dict:
-    """Turn one raw row of format `fmt` into `{"messages": [...]}` or `{"text": ...}`; raise RowError."""
+def qa_columns(row: dict) -> dict[str, str] | None:
+    """{"question": key, "answer": key[, "context": key]} for the first common pair of names the row has."""
+    by_lower = {k.strip().lower(): k for k in row if isinstance(k, str)}
+    for q, a in QA_COLUMNS:
+        if q in by_lower and a in by_lower:
+            cols = {"question": by_lower[q], "answer": by_lower[a]}
+            ctx = next((by_lower[c] for c in CONTEXT_COLUMNS if c in by_lower), None)
+            return {**cols, "context": ctx} if ctx else cols
+    return None
+
+
+def normalise(row: Any, fmt: str, qa_with_context: bool, columns: dict[str, str] | None = None) -> dict:
+    """Turn one raw row of format `fmt` into `{"messages": [...]}` or `{"text": ...}`; raise RowError.
+    `columns` (format qa) is DATA_COLUMNS' mapping; without it the common names are looked up in the row."""
     if not isinstance(row, dict):
         raise RowError(f"row is a {type(row).__name__}, expected a JSON object")
     if fmt == "korquad":
         question = _text(row, "question")
         answers = row.get("answers")
+        if isinstance(answers, dict) and isinstance(answers.get("text"), list):  # {"text": [...], "answer_start": [...]}
+            answers = [{"text": t} for t in answers["text"]]
         if not isinstance(answers, list) or not answers or not isinstance(answers[0], dict):
             raise RowError("field 'answers' must be a non-empty list of {text, answer_start}")
         answer = _text(answers[0], "text", "answers[0].text")
-        prompt = f"{row['context'].strip()}\n\n{question}" if qa_with_context else question
+        context = row.get("context") if isinstance(row.get("context"), str) else ""
+        prompt = f"{context.strip()}\n\n{question}" if qa_with_context else question
         return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+    if fmt == "qa":
+        cols = columns or qa_columns(row)
+        if cols is None:
+            names = " or ".join(f"{q}/{a}" for q, a in QA_COLUMNS)
+            raise RowError(f"no question/answer columns (fields: {', '.join(map(str, list(row)[:6]))}; "
+                           f"looked for {names}); name them with DATA_COLUMNS")
+        question, answer = _text(row, cols["question"]), _text(row, cols["answer"])
+        if qa_with_context and cols.get("context"):
+            question = f"{_text(row, cols['context'])}\n\n{question}"
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
     if fmt == "input_output":
         return {"messages": [{"role": "user", "content": _text(row, "input")},
                              {"role": "assistant", "content": _text(row, "output")}]}

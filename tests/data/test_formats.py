@@ -6,7 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from finetune.config import RunConfig
-from finetune.data.formats import RowError, detect, iter_raw_rows, normalise
+from finetune.data.formats import RowError, detect, normalise
+from finetune.data.readers import iter_raw_rows
 from finetune.data.prepare import prepare
 from finetune.errors import DataError
 from finetune.paths import RunPaths
@@ -171,12 +172,13 @@ def test_prepare_is_deterministic_and_splits_by_eval_fraction(tmp_path, tok):
     assert stats["recommended_max_seq_length"] % 64 == 0
 
 
-def test_prepare_leaves_no_partial_output_when_it_fails(tmp_path, tok):
+def test_a_failed_prepare_leaves_its_evidence_but_nothing_to_train_on(tmp_path, tok):
     f = write_jsonl(tmp_path / "d.jsonl", ['{"nope": 1}'])
     with pytest.raises(DataError):
         run_prepare(tmp_path, tok, f, data_max_reject_fraction=1.0)
-    out = tmp_path / "out"
-    assert not any(p.name == "data" for p in out.rglob("*")), "a failed prepare must not leave data/ behind"
+    data = next((tmp_path / "out").rglob("data"))
+    assert sorted(p.name for p in data.iterdir()) == ["data_stats.json", "rejected.jsonl"]
+    assert not any(p.name.startswith(".tmp") for p in data.parent.iterdir())
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,6 +10,8 @@ import pytest
 from tests.conftest import qa_rows, write_jsonl
 from tests.e2e.helpers import read_jsonl, run_sh, start_run_sh
 
+pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
+
 COMMON = dict(USE_QLORA="false", NUM_EPOCHS=2, BATCH_SIZE=4, LEARNING_RATE=5e-3, LORA_DROPOUT=0, WARMUP_RATIO=0,
               SAVE_STEPS=3, REPLAY_FRACTION=0, RETENTION_SET="none", EVAL_MAX_NEW_TOKENS=4)
 

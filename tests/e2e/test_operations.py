@@ -10,6 +10,8 @@ import torch
 from tests.conftest import qa_rows, write_jsonl
 from tests.e2e.helpers import read_jsonl, run_sh, start_run_sh
 
+pytestmark = pytest.mark.e2e
+
 TINY = dict(USE_QLORA="false", NUM_EPOCHS=3, BATCH_SIZE=2, LEARNING_RATE=5e-3, LORA_DROPOUT=0, WARMUP_RATIO=0,
             SAVE_STEPS=4, REPLAY_FRACTION=0, RETENTION_SET="none", EVAL_MAX_NEW_TOKENS=4)
 
@@ -55,6 +57,9 @@ def test_a_corrupted_adapter_fails_the_parity_gate(tmp_path, tiny_llama_dir):
 
     env = tiny_env(tmp_path, tiny_llama_dir, NUM_EPOCHS=3, MAX_STEPS=2)
     assert run_sh(tmp_path, "train", **env).returncode == 0
+    merged = run_dir(tmp_path, tiny_llama_dir) / "lora_merged"
+    before = {p.relative_to(merged): p.read_bytes() for p in sorted(merged.rglob("*")) if p.is_file()}
+    assert any(p.suffix == ".safetensors" for p in before)
     adapter = run_dir(tmp_path, tiny_llama_dir) / "lora_adapters" / "adapter_model.safetensors"
     tensors = load_file(str(adapter))
     key = next(k for k in tensors if "lora_B" in k)
@@ -63,7 +68,10 @@ def test_a_corrupted_adapter_fails_the_parity_gate(tmp_path, tiny_llama_dir):
     r = run_sh(tmp_path, "merge", **env)
     assert r.returncode == 1 and "merge rejected" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    assert not (run_dir(tmp_path, tiny_llama_dir) / "lora_merged" / "NaN").exists()
+    # the rejected merge never replaced the accepted one: the previous merged model is there, byte for byte
+    after = {p.relative_to(merged): p.read_bytes() for p in sorted(merged.rglob("*")) if p.is_file()}
+    assert after == before
+    assert not [p for p in merged.parent.iterdir() if p.name.startswith(".tmp")]
 
 
 def test_secrets_never_reach_output_files_or_logs(tmp_path, tiny_llama_dir):

@@ -1,4 +1,7 @@
-"""Choosing the micro-batch and gradient checkpointing for the GPU at hand, keeping the effective batch.
+"""The training plan, decided without touching a model: (config, backend, model shape, memory budget, row lengths)
+-> TrainPlan. No I/O and no torch here; the train stage measures the shape and the budget once and passes them in.
+
+On a GPU the plan chooses the micro-batch and gradient checkpointing for the card at hand, keeping the effective batch.
 
 The user's effective batch (BATCH_SIZE, default 8, x GRAD_ACCUM x GPUs) is fixed; what is chosen is how it is cut
 (micro-batch x accumulation steps) and how activations are kept:
@@ -29,7 +32,16 @@ The memory model is an estimate from the model's shape, calibrated on an H100 (d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import random
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from finetune.errors import ConfigError
+
+if TYPE_CHECKING:  # the planner reads the backend's answers; it never loads a model
+    from finetune.config import RunConfig
+    from finetune.model import Backend
 
 MARGIN = 0.90          # share of the GPU (or of MAX_GPU_MEMORY) the estimate may fill (it is itself ~1-3 GiB high)
 GIB = 2**30
@@ -48,13 +60,6 @@ FIXED_TOKENS = {"qlora": 4300.0, "lora": 2500.0}
 # padding would waste more than this share of the tokens.
 PACKED_OVERHEAD = 0.04
 
-# Saved activations per token per decoder layer, in bf16 values: a*hidden + b*intermediate. Unsloth, measured on
-# Llama-3.1-8B (H100): 120 KB per token per layer with LoRA dropout 0 (1.83 GiB per kept layer at 8 x 2048
-# tokens), plus ~37 KB of dropout masks (one byte per LoRA input element) with dropout > 0.
-# HF: raised after an H200 run (docs/BENCHMARKS.md, issue 7) where the old (10, 4) estimated 102 GiB for
-# 8 x 2048 tokens without checkpointing and the run needed more than 126 GiB; not yet calibrated precisely.
-ACT = {"unsloth": (4.8, 2.8), "hf": (16.0, 6.4)}
-
 
 # OPTIM=auto on a GPU: torch's fused AdamW (fp32 moments: ~0.25 GiB more than 8-bit for an 8B model's r=16 LoRA, and
 # one kernel instead of one per tensor) unless the budget is under this, where 8-bit moments keep the room for
@@ -62,21 +67,119 @@ ACT = {"unsloth": (4.8, 2.8), "hf": (16.0, 6.4)}
 FUSED_ADAM_MIN_BUDGET = MARGIN * 40 * GIB
 
 
-# LORA_KERNELS=auto: fast_lora (eager decoder blocks) from this hidden size up, Unsloth's kernels in its compiled
-# blocks below. Measured (docs/BENCHMARKS.md, runs 10-13): hidden 4096 (Llama-3.1-8B) fast +4-5%; hidden 1024 (a
-# 4-layer Qwen2, bench/families_check.py, two runs) fast 6-32% slower, where compiling the blocks' elementwise work
-# matters more than the LoRA passes. Between the two nothing was measured; 3072 puts 3B-class models and up on fast.
-FAST_LORA_MIN_HIDDEN = 3072
+
+@dataclass
+class TrainPlan:
+    """Derived numbers, printed once in the banner and saved in the manifest."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    grad_ckpt: str
+    backend: str
+    device: str
+    rows: int
+    steps_per_epoch: int
+    total_steps: int
+    notes: list[str] = field(default_factory=list)
+    keep_layers: int = 0        # grad_ckpt == "partial": decoder layers that keep their activations
+    padding_free: bool = False  # rows concatenated without pad tokens (Unsloth on a GPU, or PACKING)
+    optim: str = "adamw_torch"
+    lora_kernels: str = "unsloth"  # Unsloth backend: fast (finetune/fast_lora.py, eager blocks) | unsloth
+    replay_loss: str = "sft"    # REPLAY_LOSS resolved for this device (auto: kl on a CPU, sft on a GPU)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
 
 
-def lora_kernels_for(cfg, shape: dict) -> tuple[str, str]:
-    """(fast | unsloth, why) for the Unsloth backend."""
-    if cfg.lora_kernels != "auto":
-        return cfg.lora_kernels, f"LORA_KERNELS={cfg.lora_kernels}"
-    if shape["hidden"] >= FAST_LORA_MIN_HIDDEN:
-        return "fast", f"auto: hidden size {shape['hidden']} >= {FAST_LORA_MIN_HIDDEN}"
-    return "unsloth", f"auto: hidden size {shape['hidden']} < {FAST_LORA_MIN_HIDDEN}, compiled blocks gain more"
+def resolve_replay_loss(cfg: RunConfig, device: str) -> str:
+    """REPLAY_LOSS=auto: the KL loss where it was measured (CPU, docs/QUALITY.md), plain SFT on a GPU."""
+    from finetune.config import replay_weight_problem
 
+    if cfg.replay_loss != "auto":
+        return cfg.replay_loss  # an explicit value was checked with the rest of the config
+    loss = "kl" if device == "cpu" and cfg.replay_fraction > 0 else "sft"
+    problem = replay_weight_problem(cfg.replay_weight, loss, f"auto means {loss} on this {device.upper()}")
+    if problem:
+        raise ConfigError(problem)
+    return loss
+
+
+def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengths: list[int] | None = None,
+         shape: dict | None = None, gpu_memory: float | None = None) -> TrainPlan:
+    """The plan for `rows` training rows.
+
+    lengths: tokenised row lengths (the GPU choice sizes micro-batches from them when given).
+    shape: shape_from_config of the base; gpu_memory: the card's bytes. Both needed on a GPU only.
+    """
+    logical = 8 if cfg.batch_size == "auto" else int(cfg.batch_size)
+    # The effective batch is BATCH_SIZE x GRAD_ACCUM whatever the number of processes, so a run moved from 1 to N
+    # GPUs trains the same thing: each process takes 1/N of it.
+    total = logical * cfg.grad_accum
+    if total % world_size:
+        raise ConfigError(f"effective batch BATCH_SIZE x GRAD_ACCUM = {total} does not split over {world_size} processes; "
+                          f"make it a multiple of {world_size}")
+    if world_size > 1:
+        share = total // world_size
+        logical = max(d for d in range(1, min(logical, share) + 1) if share % d == 0)
+        micro, accum = logical, share // logical
+    else:
+        micro, accum = logical, cfg.grad_accum
+    grad_ckpt = cfg.gradient_checkpointing
+    if cfg.offload_weights == "on" and not backend.streams_weights:
+        raise ConfigError(f"OFFLOAD_WEIGHTS=on streams layers with Unsloth's block swap, but this run's backend is "
+                          f"{backend.name} ({backend.why}): set OFFLOAD_WEIGHTS=auto, or run on a CUDA GPU with unsloth")
+    keep, notes = 0, []
+    # Padding-free batches by default: no compute on pad tokens. Row boundaries are kept by position ids, which
+    # transformers turns into a block-diagonal mask (tests/data/test_packing.py checks the per-row loss). On a GPU,
+    # rows of one length train faster padded (nothing to pad, no boundaries to split attention at).
+    padding_free = True
+    optim = cfg.optim if cfg.optim != "auto" else "adamw_torch"
+    lora_kernels = "unsloth"
+    if backend.device == "cuda":
+        if shape is None or gpu_memory is None:
+            raise ValueError("a GPU plan needs the model's shape and the card's memory")
+        budget = budget_bytes(cfg, gpu_memory)
+        # BATCH_SIZE=auto (or any value) on a GPU: the same effective batch, cut into micro-batches that fit.
+        choose = lambda pf: choose_micro_batch(  # noqa: E731
+            cfg, logical, accum, grad_ckpt, backend, shape, budget, max_micro=None if cfg.batch_size == "auto" else logical,
+            lengths=None if cfg.packing else lengths, padding_free=pf)
+        c = choose(padding_free)
+        if lengths and not cfg.packing:
+            # Padded or padding-free, whichever is estimated faster per useful (non-pad) token. Padding-free never
+            # computes on pads but pays for splitting attention at row boundaries; padded rows of one length pay
+            # nothing, and on a small GPU the padded plan may fit more rows per micro-batch (its peak is micro x
+            # the longest row, padding-free's the sum of the longest rows plus separators).
+            c_pad = choose(False)
+            t_pf, t_pad, pad = useful_token_times(cfg, shape, lengths, c, c_pad)
+            if t_pad < t_pf:
+                padding_free, c = False, c_pad
+                notes.append(f"padded batches: estimated {t_pf / t_pad:.2f}x faster per useful token than padding-free "
+                             f"(micro-batch {c_pad.micro_batch}, expected padding {pad:.1%} of tokens)")
+        micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
+        optim = optimizer_for(cfg, c.budget_bytes)
+        notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + describe(c, shape["layers"]))
+        kernels = backend.lora_kernels(cfg, shape)
+        if kernels:
+            lora_kernels, why = kernels
+            notes.append(f"LoRA kernels {lora_kernels} ({why})")
+    elif grad_ckpt == "auto":
+        grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
+    steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
+    return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
+                     notes, keep, padding_free, optim, lora_kernels, resolve_replay_loss(cfg, backend.device))
+
+
+def budget_bytes(cfg: RunConfig, gpu_memory: float) -> float:
+    """What the estimate may fill: MARGIN of the card, or of MAX_GPU_MEMORY when that is smaller."""
+    if cfg.max_gpu_memory > 0:
+        gpu_memory = min(gpu_memory, cfg.max_gpu_memory * GIB)
+    return MARGIN * gpu_memory
+
+
+# ---- the GPU choice ------------------------------------------------------------------------------------
 
 def optimizer_for(cfg, budget: float) -> str:
     if cfg.optim != "auto":
@@ -95,8 +198,8 @@ class Choice:
     note: str = ""
 
 
-def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: str = "hf",
-                       shape: dict | None = None, budget: float | None = None, max_micro: int | None = None,
+def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: Backend, shape: dict, budget: float,
+                       max_micro: int | None = None,
                        lengths: list[int] | None = None, padding_free: bool = False,
                        keep_fixed: int | None = None) -> Choice:
     """The fastest (micro-batch, checkpointing) that fits; micro x accum == logical x GRAD_ACCUM always.
@@ -105,23 +208,12 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: s
     BATCH_SIZE=auto accumulation steps may also be merged into one larger micro-batch.
     lengths: the tokenised rows' lengths, when known (else every row counts as MAX_SEQ_LENGTH).
     keep_fixed: under a forced "partial", the number of kept layers of an already loaded model."""
-    shape = shape or model_shape(cfg)
-    budget = budget if budget is not None else budget_bytes(cfg)
     total = logical * accum
     seq = cfg.max_seq_length
     peak_tokens, mean_tokens = token_counts(lengths, seq, padding_free)
     L = shape["layers"]
     lora_bytes = 12 if optimizer_for(cfg, budget) == "adamw_8bit" else 16
-    if grad_ckpt == "auto":
-        modes = ["off", "partial", "offload"] if backend == "unsloth" else ["off", "on"]
-    else:
-        modes = [grad_ckpt]
-    if backend != "unsloth" and "offload" in modes:
-        modes = ["on"]  # HF has no activation offload: plain checkpointing is the leanest it has
-    if backend == "unsloth" and cfg.offload_weights == "on":
-        modes = ["stream"]
-    elif backend == "unsloth" and cfg.offload_weights == "auto" and "offload" in modes:
-        modes.append("stream")  # slower than offload: chosen only when nothing before it fits
+    modes = backend.checkpoint_modes(grad_ckpt, cfg.offload_weights)
     best: tuple | None = None
     for micro in sorted({d for d in range(1, (max_micro or total) + 1) if total % d == 0}):
         for mode in modes:
@@ -162,8 +254,6 @@ def token_counts(lengths: list[int] | None, seq: int, padding_free: bool):
 def expected_pad_fraction(lengths: list[int], micro: int, seq: int, seed: int = 0, draws: int = 4) -> float:
     """Share of a padded batch's tokens that are padding, for random micro-batches of these rows (each padded to
     its longest row, as the trainer's collator does), averaged over a few seeded shuffles."""
-    import random
-
     lens = [min(n, seq) for n in lengths]
     if not lens:
         return 0.0
@@ -178,22 +268,6 @@ def expected_pad_fraction(lengths: list[int], micro: int, seq: int, seed: int = 
     return 1 - useful / padded
 
 
-def budget_bytes(cfg) -> float:
-    import torch
-
-    total = torch.cuda.get_device_properties(0).total_memory
-    if cfg.max_gpu_memory > 0:
-        total = min(total, cfg.max_gpu_memory * GIB)
-    return MARGIN * total
-
-
-def model_shape(cfg) -> dict:
-    import json
-    from pathlib import Path
-
-    from finetune.model import resolve_base
-
-    return shape_from_config(json.loads((Path(resolve_base(cfg)) / "config.json").read_text()))
 
 
 def shape_from_config(c: dict) -> dict:
@@ -209,7 +283,7 @@ def shape_from_config(c: dict) -> dict:
             "embed_params": embed, "lora_in_out": L * lora_per_layer}
 
 
-def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, backend: str = "hf",
+def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, backend: Backend,
                    keep: int = 0, lora_rank: int = 16, dropout: float = 0.0, lora_bytes: int = 12) -> float:
     """Peak bytes on the GPU: weights + LoRA states + saved activations + logits + workspace.
 
@@ -225,25 +299,21 @@ def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, ba
     # lora_bytes per LoRA parameter: fp32 weight and grad, plus the Adam moments (12: 8-bit, a little generous; 16: fp32)
     lora = shape["lora_in_out"] * lora_rank * lora_bytes
     tokens = micro * seq
-    unsloth = backend == "unsloth"
-    a, b = ACT["unsloth" if unsloth else "hf"]
+    a, b = backend.activation_values
     layer = tokens * (a * h + b * inter) * 2               # one layer's saved activations (bf16)
-    if unsloth and dropout > 0:
+    if backend.saves_dropout_masks and dropout > 0:
         layer += tokens * (6 * h + inter)                  # dropout masks
     layer_input = tokens * h * 2
-    recompute = 0.5 * layer if unsloth else layer          # one layer being recomputed in backward
+    recompute = backend.recompute_share * layer            # one layer being recomputed in backward
     if mode == "off":
         acts = L * layer
-    elif mode == "partial":                                # Unsloth: the other layers' inputs go to host memory
+    elif mode == "partial":                                # the other layers' inputs go to host memory
         acts = keep * layer + 2 * layer_input + recompute
     elif mode == "on":
         acts = L * layer_input + recompute
     else:  # offload, stream: inputs in host memory, a couple in flight
         acts = 2 * layer_input + recompute
-    if unsloth:
-        logits = tokens * vocab * 0.25                     # fused, chunked cross-entropy
-    else:
-        logits = tokens * vocab * 10.0                     # bf16 logits, fp32 upcast and its gradient
+    logits = tokens * vocab * backend.logit_bytes_per_token_vocab
     return weights + lora + acts + logits + 1.0 * GIB       # + workspace and allocator slack
 
 
