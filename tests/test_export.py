@@ -270,8 +270,10 @@ def test_format_list():
 def test_modelfile_for_unknown_and_llama3_templates():
     from finetune.export import modelfile
 
+    from finetune.generation import PRESETS
+
     text = modelfile("m-f16.gguf", "{{ bos_token }}{% for m in messages %}### {{ m['content'] }}{% endfor %}", ["</s>"],
-                     "balanced")
+                     PRESETS["balanced"], "balanced")
     assert "PARAMETER temperature 0.5" in text and "PARAMETER repeat_penalty 1.1" in text
     assert "FROM ./m-f16.gguf" in text and "TEMPLATE" not in text.replace("No TEMPLATE", "")
     assert "tokenizer.chat_template" in text and 'PARAMETER stop "</s>"' in text
