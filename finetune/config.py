@@ -27,8 +27,8 @@ DEFAULT_DATA = "data/sample/korquad_sample.json"
 JOBS = tuple(_JOB_TABLE)
 DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messages", "qa", "text")
 DATA_COLUMN_ROLES = ("question", "answer", "context")
-GGUF_FORMATS = ("f16", "bf16", "q8_0", "q4_k_m")
-DEFAULT_GGUF = "f16,q8_0"  # what JOB=export writes when EXPORT_GGUF is empty
+GGUF_FORMATS = ("f16", "bf16", "q8_0", "q5_k_m", "q4_k_m")
+DEFAULT_GGUF = "f16,q8_0,q5_k_m,q4_k_m"  # what JOB=export writes when EXPORT_GGUF is empty
 GEN_PRESETS = ("greedy", "factual", "balanced", "creative")  # their values: finetune/generation.py PRESETS
 OBJECTIVES = ("sft", "dpo", "orpo")
 DEFAULT_PREFERENCE_DATA = "data/sample/preference_sample.jsonl"
@@ -194,9 +194,15 @@ class RunConfig:
     export_gguf: str = _f("", "after merge also write GGUF: comma list of " + ", ".join(GGUF_FORMATS) + " (case and - "
                           "vs _ do not matter; empty = no export after merge, " + DEFAULT_GGUF + " for JOB=export)",
                           normalise=gguf_list)
+    export_check_questions: int = _f(10, "after export, llama.cpp answers this many eval questions greedily with each "
+                                     "GGUF, compared with the merged model; f16 must agree (0 = skip the check)")
+    llama_cpp_dir: str = _f("", "folder with llama.cpp's llama-server and llama-quantize (empty: built once, portably, "
+                            "into the cache from the pinned llama-cpp-python sdist's vendored source)")
     eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
+    lm_eval_tasks: str = _f("", "JOB=evaluate also runs lm-evaluation-harness on the merged model: comma list of task "
+                            "names or YAML files; `run_eval` is the bundled local task over the run's eval split")
     # --- using the trained model (JOB=chat, generate, serve)
     gen_preset: str = _f("factual", "sampling preset for chat and generate: greedy | factual (temperature 0.1, top_p 0.9, "
                          "repetition_penalty 1.0) | balanced (0.5, 0.9, 1.1) | creative (0.8, 0.95, 1.15)", GEN_PRESETS)
@@ -354,7 +360,8 @@ class RunConfig:
              f"TARGET_MODULES={self.target_modules!r}: comma-separated module names such as q_proj,v_proj, or all-linear")
         bad = [fmt for fmt in gguf_list(self.export_gguf).split(",") if fmt and fmt not in GGUF_FORMATS]
         need(not bad, f"EXPORT_GGUF={self.export_gguf!r}: unknown format(s) {', '.join(bad)}; allowed are "
-             f"{', '.join(GGUF_FORMATS)} (q4_k_m needs llama-cpp-python)")
+             f"{', '.join(GGUF_FORMATS)}")
+        need(self.export_check_questions >= 0, f"EXPORT_CHECK_QUESTIONS={self.export_check_questions}: must be >= 0")
         p.extend(self._data_columns_problems())
         need(self.chat_template in ("auto", "chatml", "alpaca", "llama-3"),
              f"CHAT_TEMPLATE={self.chat_template!r}: allowed are auto, chatml, alpaca, llama-3")

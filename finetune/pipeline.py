@@ -127,7 +127,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
         with runlog.stage("export"):
             from finetune.export import export
 
-            runlog.artefact("gguf", export(cfg, paths))
+            runlog.artefact("gguf", export(cfg, paths, device=backend.device))
     _print_done(cfg, paths, stages)
 
 

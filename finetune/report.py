@@ -65,6 +65,21 @@ def markdown(report: dict, png: Path | None) -> str:
         lines += ["", "## Training", "", f"Steps: {t.get('steps')}; loss {t.get('first_loss', float('nan')):.4f} -> "
                   f"{t.get('last_loss', float('nan')):.4f}"
                   + (f"; last eval loss {t['last_eval_loss']:.4f}" if "last_eval_loss" in t else "")]
+    h = report.get("harness")
+    if h:
+        lines += ["", f"## lm-evaluation-harness {h.get('lm_eval', '')} (fine-tuned model)", "", "| task | metric | value |",
+                  "|---|---|---|"]
+        for task, metrics in h["results"].items():
+            lines += [f"| {task} | {k.split(',')[0]} | {v:.3f} |" for k, v in metrics.items()
+                      if isinstance(v, (int, float)) and "stderr" not in k]
+    g = report.get("gguf")
+    if g:
+        lines += ["", f"## GGUF files in llama.cpp ({g['questions']} {g['source']} questions, greedy)", "",
+                  "| file | answers identical to the merged model | contains the reference (merged) | stops at EOS "
+                  "(merged) | verdict |", "|---|---|---|---|---|"]
+        for fmt, r in g["files"].items():
+            lines.append(f"| {fmt} | {r['agree']}/{r['questions']} | {r['contains']} ({r['contains_hf']}) | "
+                         f"{r['eos']} ({r['eos_hf']}) | {r['verdict']}: {r['why']} |")
     if png:
         lines += ["", f"![loss curve]({Path(png).name})"]
     lines += ["", "## Examples", "", "| question | answer | base | fine-tuned |", "|---|---|---|---|"]
