@@ -21,6 +21,8 @@ from finetune.errors import ConfigError
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_DATA = "data/sample/korquad_sample.json"
+# The bundled sample's questions asked in other words: EVAL_PATH=auto scores them beside the trained questions.
+DEFAULT_EVAL = "data/sample/korquad_sample_paraphrases.json"
 JOBS = ("train", "resume_training", "prepare", "merge", "evaluate", "export", "test")
 DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messages", "text")
 
@@ -72,6 +74,9 @@ class RunConfig:
     # --- data
     data_format: str = _f("auto", "auto | " + " | ".join(DATA_FORMATS[1:]), DATA_FORMATS)
     qa_with_context: bool = _f(False, "KorQuAD/SQuAD: put the paragraph into the prompt")
+    passage_rows: str = _f("auto", "QA rows that come with their passage (KorQuAD/SQuAD context): on also trains each distinct "
+                           "passage once as a text row with loss (the facts in the passage's own words, not only as "
+                           "question -> answer pairs); auto = on (docs/QUALITY.md, issue 23)", ("auto", "on", "off"))
     train_on_inputs: bool = _f(False, "also compute the loss on prompt/user tokens")
     max_seq_length: int = _f(1024, "longest tokenised row")
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))
@@ -127,6 +132,9 @@ class RunConfig:
     export_gguf: str = _f("", "after merge also write GGUF: comma list of f16, q8_0, bf16, q4_k_m (empty = no export)")
     eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
+    eval_path: str = _f("auto", "a separate evaluation file (any supported format: for example the same facts asked in other "
+                        "words) scored beside the trained questions; auto = the bundled sample's paraphrases when DATA_PATH "
+                        "is the bundled sample, else none; none = off")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
@@ -148,6 +156,17 @@ class RunConfig:
         return 1e-4 if self.use_qlora else 5e-6
 
     @property
+    def eval_set_path(self) -> str:
+        """EVAL_PATH resolved: a path, or "" for none."""
+        if self.eval_path.lower() in ("", "none", "off"):
+            return ""
+        if self.eval_path == "auto":
+            same = os.path.normpath(self.data_path) == os.path.normpath(DEFAULT_DATA) or \
+                Path(self.data_path).resolve() == Path(DEFAULT_DATA).resolve()
+            return DEFAULT_EVAL if same else ""
+        return self.eval_path
+
+    @property
     def epochs_label(self) -> str:
         return f"{self.num_epochs:g}"
 
@@ -158,7 +177,7 @@ class RunConfig:
     def fingerprint_fields(self) -> dict:
         """The fields a resume must not change (it would train a different thing)."""
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
-                "grad_accum", "data_format", "qa_with_context", "train_on_inputs", "chat_template", "packing",
+                "grad_accum", "data_format", "qa_with_context", "passage_rows", "train_on_inputs", "chat_template", "packing",
                 "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout")
         return {k: getattr(self, k) for k in keys}
 

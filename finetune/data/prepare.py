@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from finetune.config import RunConfig
 from finetune.data.formats import RowError, detect, iter_raw_rows, normalise
+from finetune.data.passages import Passages
 from finetune.data.tokenize import TemplateError, encode
 from finetune.errors import ConfigError, DataError
 from finetune.paths import RunPaths, atomic_dir
@@ -29,6 +30,7 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
     reasons: Counter = Counter()
     lengths, supervised = [], []
     n_in = n_train = n_eval = truncated = 0
+    passages = Passages(cfg)
     with atomic_dir(paths.data_dir) as tmp:
         files = {name: open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name in ("train", "eval", "rejected")}
 
@@ -90,14 +92,22 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
             else:
                 n_train += 1
                 files["train"].write(record)
+                passages.add(row.raw)
                 if cfg.eval_fraction == 0:
                     files["eval"].write(record)  # seed 000: evaluate on the training questions
+        n_passages = 0
+        for prow in passages.rows():  # not input rows: training only, counted apart
+            enc = encode(tok, {"text": prow["text"]}, cfg.max_seq_length, cfg.train_on_inputs)
+            truncated += enc.full_length > cfg.max_seq_length
+            files["train"].write(json.dumps(prow, ensure_ascii=False) + "\n")
+            n_passages += 1
         for fh in files.values():
             fh.close()
 
         n_rej = sum(reasons.values())
         _check_mixed_formats(formats, first_at)
         stats = _stats(cfg, fmt, n_in, n_train, n_eval, n_rej, truncated, reasons, lengths, supervised)
+        stats["passage_rows"] = n_passages
         (tmp / "data_stats.json").write_text(json.dumps(stats, indent=1, ensure_ascii=False) + "\n")
         _gate(cfg, stats, reasons)
     return stats
@@ -165,7 +175,8 @@ def summary(stats: dict, paths: RunPaths) -> str:
     lines = [
         f"[prepare] {stats['rows_in']} rows read = {stats['kept']} kept + {stats['rejected']} rejected"
         f" (format {stats['format']}); train {stats['train']}, eval {stats['eval']}"
-        + (" (the training questions)" if stats["eval_is_train"] else ""),
+        + (" (the training questions)" if stats["eval_is_train"] else "")
+        + (f"; plus {stats['passage_rows']} passage rows (PASSAGE_ROWS)" if stats.get("passage_rows") else ""),
         f"[prepare] tokens per row: min {t['min']}  median {t['median']}  p95 {t['p95']}  p99 {t['p99']}  max {t['max']};"
         f" truncated {stats['truncated']}; recommended MAX_SEQ_LENGTH {stats['recommended_max_seq_length']}",
     ]
