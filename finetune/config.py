@@ -36,6 +36,8 @@ DEFAULT_PREFERENCE_DATA = "data/sample/preference_sample.jsonl"
 # but never over a value the user set. Measured in docs/QUALITY.md ("Preference training").
 PREFERENCE_DEFAULTS = {"replay_fraction": 0.0, "eval_fraction": 0.2}
 PREFERENCE_LR = 1e-4  # LEARNING_RATE=0 with a preference objective (LoRA; seed 004's 5e-7 is for full fine-tuning)
+# The bundled sample's questions asked in other words: EVAL_PATH=auto scores them beside the trained questions.
+DEFAULT_EVAL = "data/sample/korquad_sample_paraphrases.json"
 
 # Variables of the libraries we drive: allowed in `.env` (exported to the process there, where the libraries look)
 # and in the environment, and never treated as typos of ours.
@@ -137,6 +139,9 @@ class RunConfig:
     data_columns: str = _f("", "question=COL,answer=COL[,context=COL]: your column names (default: found by common names "
                            "such as question/answer, prompt/response, prompt/completion, query/response)")
     qa_with_context: bool = _f(False, "put the paragraph (KorQuAD/SQuAD) or the context/passage column (qa) into the prompt")
+    passage_rows: str = _f("auto", "QA rows that come with their passage (KorQuAD/SQuAD context): on also trains each distinct "
+                           "passage once as a text row with loss (the facts in the passage's own words, not only as "
+                           "question -> answer pairs); auto = on (docs/QUALITY.md, issue 23)", ("auto", "on", "off"))
     train_on_inputs: bool = _f(False, "also compute the loss on prompt/user tokens")
     max_seq_length: int = _f(1024, "longest tokenised row")
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))
@@ -200,6 +205,9 @@ class RunConfig:
                             "into the cache from the pinned llama-cpp-python sdist's vendored source)")
     eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
+    eval_path: str = _f("auto", "a separate evaluation file (any supported format: for example the same facts asked in other "
+                        "words) scored beside the trained questions; auto = the bundled sample's paraphrases when DATA_PATH "
+                        "is the bundled sample, else none; none = off")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
     lm_eval_tasks: str = _f("", "JOB=evaluate also runs lm-evaluation-harness on the merged model: comma list of task "
                             "names or YAML files; `run_eval` is the bundled local task over the run's eval split")
@@ -261,6 +269,17 @@ class RunConfig:
         return self.epochs_label if not self.preference else f"{self.training_objective}-{self.epochs_label}"
 
     @property
+    def eval_set_path(self) -> str:
+        """EVAL_PATH resolved: a path, or "" for none."""
+        if self.eval_path.lower() in ("", "none", "off"):
+            return ""
+        if self.eval_path == "auto":
+            same = os.path.normpath(self.data_path) == os.path.normpath(DEFAULT_DATA) or \
+                Path(self.data_path).resolve() == Path(DEFAULT_DATA).resolve()
+            return DEFAULT_EVAL if same else ""
+        return self.eval_path
+
+    @property
     def epochs_label(self) -> str:
         return f"{self.num_epochs:g}"
 
@@ -271,7 +290,7 @@ class RunConfig:
     def fingerprint_fields(self) -> dict:
         """The fields a resume must not change (it would train a different thing)."""
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
-                "grad_accum", "data_format", "data_columns", "qa_with_context", "train_on_inputs", "chat_template", "packing",
+                "grad_accum", "data_format", "data_columns", "qa_with_context", "passage_rows", "train_on_inputs", "chat_template", "packing",
                 "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout",
                 "training_objective", "init_adapter", "preference_beta")
         out = {k: getattr(self, k) for k in keys}

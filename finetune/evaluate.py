@@ -2,7 +2,8 @@
 
 Scores: exact match and contains match on the evaluation questions (by default the training questions, as
 seed 000 does), ROUGE-1/2/L, and retention: of the general-knowledge probes the base answers right, the
-fraction the fine-tuned model still answers right.
+fraction the fine-tuned model still answers right. With EVAL_PATH, a separate file of questions that were not
+trained (for example the same facts asked in other words) is scored beside them: recall versus generalisation.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from finetune import model as model_lib
 from finetune.config import RunConfig
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, DataError
 from finetune.generation import generate
 from finetune.paths import RunPaths, atomic_write_text
 
@@ -88,6 +89,38 @@ def probes(cfg: RunConfig) -> list[dict]:
         raise ConfigError(f"RETENTION_SET={p}: expected a JSON list of {{id, question, answers}} ({e})") from None
 
 
+def eval_set(cfg: RunConfig) -> tuple[list[dict], list[str]]:
+    """EVAL_PATH's questions (any supported format, detected per row) and the reasons for rows it could not use."""
+    from finetune.data.formats import RowError, detect, iter_raw_rows, normalise
+
+    path = cfg.eval_set_path
+    if not path:
+        return [], []
+    if not Path(path).exists():
+        raise ConfigError(f"EVAL_PATH={path}: no such file or folder (EVAL_PATH=none turns it off)")
+    items, skipped = [], []
+    for row in iter_raw_rows(path):
+        fmt = None if row.error else detect(row.raw)
+        try:
+            if fmt is None:
+                raise RowError(row.error or "unrecognised row")
+            msgs = normalise(row.raw, fmt, cfg.qa_with_context).get("messages")
+            if not msgs:
+                raise RowError("a text row has no question to ask")
+        except RowError as e:
+            skipped.append(f"{row.where}: {e}")
+            continue
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        answers = [msgs[last]["content"]]
+        if fmt == "korquad":  # SQuAD-style rows may accept several answers
+            answers += [a["text"].strip() for a in row.raw["answers"][1:] if isinstance(a, dict) and isinstance(a.get("text"), str)]
+        items.append({"id": row.where, "messages": msgs[:last], "answers": answers})
+    if not items:
+        raise DataError(f"EVAL_PATH={path}: no usable question/answer rows ({len(skipped)} skipped; first: "
+                        f"{skipped[0] if skipped else 'none'})")
+    return items, skipped
+
+
 def score(items: list[dict], preds: list[str]) -> dict:
     em = [exact_match(p, it["answers"]) for p, it in zip(preds, items)]
     cm = [contains_match(p, it["answers"]) for p, it in zip(preds, items)]
@@ -122,13 +155,18 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
     if not qs:
         raise ConfigError(f"no evaluation questions in {paths.eval_file}: run JOB=prepare first")
     pr = probes(cfg)
+    extra, skipped = eval_set(cfg)
 
     results = {}
     for label in ("base", "finetuned"):
-        preds, probe_preds = _answers(label, cfg, base, tuned_dir, paths, tok, qs, pr, device)
+        # One generation pass over both sets (batched together); without EVAL_PATH the cache key is unchanged.
+        preds, probe_preds = _answers(label, cfg, base, tuned_dir, paths, tok, qs + extra, pr, device)
+        preds, extra_preds = preds[:len(qs)], preds[len(qs):]
         results[label] = {"scores": score(qs, preds), "preds": preds,
                           "probe_ok": [contains_match(p, it["answers"]) for p, it in zip(probe_preds, pr)],
                           "probe_preds": probe_preds}
+        if extra:
+            results[label].update(extra_scores=score(extra, extra_preds), extra_preds=extra_preds)
 
     report = _report(cfg, paths, qs, pr, results)
     if cfg.preference:  # issue 20: held-out pairs, base and fine-tuned
@@ -139,6 +177,8 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
         from finetune import harness
 
         report["harness"] = harness.run(cfg, paths, base, device, log)
+    if extra:
+        report["eval_set"] = _eval_set_report(cfg, extra, skipped, results)
     _write(paths, report)
     log(summary(report, paths))
     return report
@@ -190,6 +230,17 @@ def _report(cfg, paths, qs, pr, results) -> dict:
     return report
 
 
+def _eval_set_report(cfg, extra, skipped, results) -> dict:
+    b, f = results["base"], results["finetuned"]
+    return {"path": cfg.eval_set_path, "skipped": skipped[:20], "n_skipped": len(skipped),
+            "base": {k: v for k, v in b["extra_scores"].items() if not k.startswith("_")},
+            "finetuned": {k: v for k, v in f["extra_scores"].items() if not k.startswith("_")},
+            "examples": [{"id": q["id"], "question": q["messages"][-1]["content"][:200], "answer": q["answers"][0],
+                          "base": bp[:200], "finetuned": fp[:200], "base_ok": bo, "finetuned_ok": fo}
+                         for q, bp, fp, bo, fo in zip(extra, b["extra_preds"], f["extra_preds"],
+                                                      b["extra_scores"]["_cm"], f["extra_scores"]["_cm"])]}
+
+
 def _training_summary(paths: RunPaths) -> dict:
     if not paths.metrics.is_file():
         return {}
@@ -217,6 +268,11 @@ def summary(report: dict, paths: RunPaths) -> str:
     b, f = report["base"], report["finetuned"]
     lines = [f"[evaluate] {b['n']} questions: contains match {b['contains_match']:.0%} (base) -> {f['contains_match']:.0%} "
              f"(fine-tuned); exact match {b['exact_match']:.0%} -> {f['exact_match']:.0%}"]
+    e = report.get("eval_set")
+    if e:
+        lines.append(f"[evaluate] EVAL_PATH, {e['base']['n']} questions not trained on: contains match "
+                     f"{e['base']['contains_match']:.0%} (base) -> {e['finetuned']['contains_match']:.0%} (fine-tuned)"
+                     + (f"; {e['n_skipped']} rows skipped" if e["n_skipped"] else ""))
     r = report.get("retention")
     if r and r["of"]:
         lines.append(f"[evaluate] retention: {r['kept']}/{r['of']} general questions the base knew are still right "

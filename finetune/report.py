@@ -34,6 +34,26 @@ def loss_curve(metrics: Path, out: Path) -> Path | None:
     return out
 
 
+def _eval_set_lines(e: dict | None) -> list[str]:
+    """EVAL_PATH: questions that were not trained on, beside the trained ones."""
+    if not e:
+        return []
+    b, f = e["base"], e["finetuned"]
+    lines = ["", f"## Questions not trained on (EVAL_PATH `{e['path']}`)", "",
+             "| metric | base | fine-tuned |", "|---|---|---|",
+             f"| contains match | {b['contains_match']:.1%} | {f['contains_match']:.1%} |",
+             f"| exact match | {b['exact_match']:.1%} | {f['exact_match']:.1%} |",
+             f"| questions | {b['n']} | {f['n']} |"]
+    if e.get("n_skipped"):
+        lines += ["", f"{e['n_skipped']} rows could not be used; first: {e['skipped'][0]}"]
+    lines += ["", "| question | answer | base | fine-tuned |", "|---|---|---|---|"]
+    for x in e["examples"][:20]:
+        cell = lambda s, ok: (("✅ " if ok else "❌ ") + s.replace("|", "\\|").replace("\n", " ")[:80])
+        lines.append(f"| {x['question'][:60].replace('|', '/')} | {x['answer'][:40]} | {cell(x['base'], x['base_ok'])} | "
+                     f"{cell(x['finetuned'], x['finetuned_ok'])} |")
+    return lines
+
+
 def markdown(report: dict, png: Path | None) -> str:
     b, f = report["base"], report["finetuned"]
     lines = [f"# Evaluation: {report['model']}", "",
@@ -44,6 +64,7 @@ def markdown(report: dict, png: Path | None) -> str:
     for k in ("rouge1", "rouge2", "rougeL"):
         lines.append(f"| {k.upper().replace('ROUGE', 'ROUGE-')} | {b['rouge'][k]:.3f} | {f['rouge'][k]:.3f} |")
     lines.append(f"| questions | {b['n']} | {f['n']} |")
+    lines += _eval_set_lines(report.get("eval_set"))
     pm = report.get("preference")
     if pm:  # issue 20
         b, f = pm["base"], pm["finetuned"]

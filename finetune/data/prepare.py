@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from finetune.config import RunConfig
 from finetune.data.formats import RowError, detect, normalise, qa_columns
+from finetune.data.passages import Passages
 from finetune.data.readers import Source
 from finetune.data.tokenize import TemplateError, encode
 from finetune.errors import ConfigError, DataError
@@ -49,17 +50,20 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
         return preference.prepare(cfg, paths, tok)
     source = Source.open(cfg.data_path)
     tally = _Tally()
+    passages = Passages(cfg)
     stop: DataError | None = None
     with atomic_dir(paths.data_dir) as tmp:
         files = {name: open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name in ("train", "eval", "rejected")}
         try:
-            _filter_rows(cfg, tok, source, files, tally)
+            _filter_rows(cfg, tok, source, files, tally, passages)
+            n_passages = _passage_rows(cfg, tok, passages, files["train"], tally)
         except DataError as e:
-            stop = e
+            stop, n_passages = e, 0
         finally:
             for fh in files.values():
                 fh.close()
         stats = _stats(cfg, source, tally)
+        stats["passage_rows"] = n_passages
         if stop is None:
             try:
                 _check_mixed_formats(tally.formats, tally.first_at)
@@ -78,7 +82,7 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
     return stats
 
 
-def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally) -> None:
+def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally, passages: Passages) -> None:
     """Every row to train, eval or rejected; raises DataError where a setting says to stop."""
     seen: dict[bytes, str] = {}
 
@@ -147,8 +151,21 @@ def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally) ->
         else:
             t.n_train += 1
             files["train"].write(record)
+            passages.add(row.raw)
             if cfg.eval_fraction == 0:
                 files["eval"].write(record)  # seed 000: evaluate on the training questions
+
+
+def _passage_rows(cfg: RunConfig, tok, passages: Passages, train, t: _Tally) -> int:
+    """PASSAGE_ROWS: each distinct passage of the training rows as a text row with loss. Not input rows: training
+    only, counted apart (data_stats.json `passage_rows`)."""
+    n = 0
+    for prow in passages.rows():
+        enc = encode(tok, {"text": prow["text"]}, cfg.max_seq_length, cfg.train_on_inputs)
+        t.truncated += enc.full_length > cfg.max_seq_length
+        train.write(json.dumps(prow, ensure_ascii=False) + "\n")
+        n += 1
+    return n
 
 
 def _is_eval(key: bytes, cfg: RunConfig) -> bool:
@@ -235,7 +252,8 @@ def summary(stats: dict, paths: RunPaths) -> str:
         lines.append(f"[prepare]   ... and {len(stats['skipped']) - 10} more skipped (data_stats.json lists them)")
     lines += [
         f"[prepare] {stats['rows_in']} rows read = {stats['kept']} kept + {stats['rejected']} rejected;"
-        f" train {stats['train']}, eval {stats['eval']}" + (" (the training questions)" if stats["eval_is_train"] else ""),
+        f" train {stats['train']}, eval {stats['eval']}" + (" (the training questions)" if stats["eval_is_train"] else "")
+        + (f"; plus {stats['passage_rows']} passage rows (PASSAGE_ROWS)" if stats.get("passage_rows") else ""),
         f"[prepare] tokens per row: min {t['min']}  median {t['median']}  p95 {t['p95']}  p99 {t['p99']}  max {t['max']};"
         f" truncated {stats['truncated']}; recommended MAX_SEQ_LENGTH {stats['recommended_max_seq_length']}",
     ]
