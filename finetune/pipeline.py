@@ -5,16 +5,18 @@ Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from finetune import config as config_lib
 from finetune.config import SECRETS, RunConfig, describe
 from finetune.dist import Dist
-from finetune.errors import ConfigError, PipelineError, ResourceError
+from finetune.errors import ConfigError, DataError, PipelineError, ResourceError
 from finetune.jobs import JOBS
-from finetune.paths import RunPaths
+from finetune.paths import OutputLock, RunPaths, check_writable, find_run, followup
 from finetune.runlog import RunLog
 
 STAGES = {name: job.stages for name, job in JOBS.items() if job.runner == "pipeline"}
@@ -32,13 +34,24 @@ def main(only: tuple[str, ...] | None = None) -> int:
     for key, value in settings.library_env.items():  # .env's HF_TOKEN, WANDB_*, ...: where the libraries look
         os.environ.setdefault(key, value)
     dist = Dist.from_env(os.environ)  # set per process by the launcher, not settings of ours
-    _setup_tracking(cfg)
+    _quiet_libraries()
+    stages = only or STAGES[cfg.job]
+    lock = OutputLock(cfg, cfg.job)
+    try:  # the user's errors before anything heavy: output folders, the lock, the model, the run, the data's size
+        check_writable(cfg)
+        if dist.is_main:
+            lock.acquire()
+        dist.init()
+        cfg, base, preset = _resolve(cfg, settings.explicit, stages, dist)
+    except PipelineError as e:
+        return _fail(e)
+    _setup_tracking(cfg, stages)
     if dist.is_main:
-        print(f"[config] JOB={cfg.job}\n{describe(cfg)}", flush=True)
+        print(f"[config] JOB={cfg.job}\n{describe(cfg)}\n{preset}", flush=True)
     paths = RunPaths.from_config(cfg)
     runlog = RunLog(cfg, paths, enabled=dist.is_main)
     try:
-        run(cfg, paths, runlog, only, dist)
+        run(cfg, paths, runlog, only, dist, base=base, explicit=settings.explicit)
     except PipelineError as e:
         runlog.finish(e.exit_code, str(e))
         return _fail(e)
@@ -48,18 +61,86 @@ def main(only: tuple[str, ...] | None = None) -> int:
             runlog.finish(4, str(err))
             return _fail(err)
         runlog.finish(1, repr(e))
-        traceback.print_exc()
-        return _fail(PipelineError(f"{type(e).__name__}: {e}"))
-    except Exception as e:  # noqa: BLE001 - last line of defence: one clear line, the trace above it
+        return _fail(PipelineError(f"{type(e).__name__}: {e} (trace below)"), trace=True)
+    except Exception as e:  # noqa: BLE001 - last line of defence: one clear line, the trace after it
         runlog.finish(1, repr(e))
-        traceback.print_exc()
-        return _fail(PipelineError(f"unexpected {type(e).__name__}: {e} (trace above)"))
+        return _fail(PipelineError(f"unexpected {type(e).__name__}: {e} (trace below)"), trace=True)
+    finally:
+        lock.release()
     runlog.finish(0, "ok")
     return 0
 
 
+def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist: Dist) -> tuple[RunConfig, str, str]:
+    """The automatic values and the run folder, before any path is used: a follow-up job takes the run it finds
+    (finetune/paths.find_run); a training job resolves from the model's size and the data's rows
+    (finetune/defaults.py). Returns (config, local base folder, the banner's [preset] line)."""
+    from finetune import defaults, model as model_lib
+
+    if "prepare" in stages and not Path(cfg.data_path).exists():
+        raise DataError(f"DATA_PATH={cfg.data_path}: no such file or folder")
+    note = ""
+    if "prepare" not in stages:  # a follow-up job: the run's own resolved values, unless set now
+        found = find_run(cfg, explicit, cfg.job)
+        keep = {k: found.config[k] for k in ("num_epochs", "use_qlora", "learning_rate", "data_path", "eval_max_new_tokens")
+                if k in found.config and k not in explicit}
+        keep["num_epochs"] = float(found.run_dir.name) if _is_number(found.run_dir.name) else keep.get("num_epochs", 0.0)
+        cfg = dataclasses.replace(cfg, **keep)
+        note = found.note
+    base = model_lib.resolve_base(cfg) if dist.is_main else None
+    dist.barrier()  # the embedded model is converted once, by rank 0
+    base = base or model_lib.resolve_base(cfg)
+    facts = model_lib.inspect_base(base, cfg)
+    if note:
+        return cfg, base, note
+    cfg, model_reason = defaults.resolve_model(cfg, explicit, facts.params)
+    rows = _count_rows(cfg) if "prepare" in stages else 0
+    cfg, epochs_reason = defaults.resolve_epochs(cfg, explicit, rows, _replay_pool(cfg, base))
+    return cfg, base, defaults.preset_line(model_reason, epochs_reason)
+
+
+def _count_rows(cfg: RunConfig) -> int:
+    """Rows in DATA_PATH as read (before the gate): cheap next to tokenising them."""
+    from finetune.data.readers import iter_raw_rows
+
+    return sum(1 for _ in iter_raw_rows(cfg.data_path))
+
+
+def _replay_pool(cfg: RunConfig, base: str) -> int:
+    """Replay rows available: the cached pool's size when it exists, else every prompt (an upper bound)."""
+    if cfg.replay_fraction <= 0:
+        return 0
+    from finetune.replay import pool_size
+
+    return pool_size(cfg, base)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        return float(s) > 0
+    except ValueError:
+        return False
+
+
+def _quiet_libraries() -> None:
+    """Third-party notices that read like a broken install ("pip install kernels", DeepSpeed's accelerator line,
+    wandb's offline chatter) are switched off where they are made: environment and logging levels, set once."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda_device() else "cpu")
+    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+def _has_cuda_device() -> bool:
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl"))
+
+
 def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] | None = None,
-        dist: Dist = Dist()) -> None:
+        dist: Dist = Dist(), base: str | None = None, explicit: frozenset = frozenset()) -> None:
     """The table of contents of a job. With several processes, rank 0 does everything but training alone."""
     from finetune import model as model_lib
 
@@ -69,9 +150,10 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
         return
     _preflight(cfg, paths, stages)
     dist.init()
-    base = model_lib.resolve_base(cfg) if dist.is_main else None
-    dist.barrier()  # the embedded model is converted once, by rank 0
-    base = base or model_lib.resolve_base(cfg)
+    if base is None:  # called from code without main's resolution
+        base = model_lib.resolve_base(cfg) if dist.is_main else None
+        dist.barrier()  # the embedded model is converted once, by rank 0
+        base = base or model_lib.resolve_base(cfg)
     backend = model_lib.choose_backend(cfg, dist.world_size)
     if dist.is_main:
         print(f"[model] base {cfg.base_model_name} -> {base}; backend {backend.name} ({backend.why})", flush=True)
@@ -102,7 +184,8 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
             replay_loss = resolve_replay_loss(cfg, backend.device)
             with model_lib.training_switches(backend, replay_loss):
                 adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
-                                 world_size=dist.world_size, is_main=dist.is_main)
+                                 world_size=dist.world_size, is_main=dist.is_main,
+                                 resume_command=followup(cfg, explicit, "resume_training"))
             record["replay_loss"] = replay_loss  # as the plan resolved it
             runlog.artefact("adapters", adapters)
     if not dist.is_main:
@@ -153,10 +236,10 @@ def _finished(paths: RunPaths) -> bool:
     return all(p.exists() for p in (paths.adapters / "adapter_config.json", paths.merged / "config.json", paths.report_json))
 
 
-def _setup_tracking(cfg: RunConfig) -> None:
+def _setup_tracking(cfg: RunConfig, stages: tuple[str, ...]) -> None:
     """The tracking libraries read their settings from the environment; set them here, at the edge, once."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.report_to == "wandb":
+    if cfg.report_to == "wandb" and "train" in stages:  # only training logs to wandb
         os.environ["WANDB_PROJECT"] = cfg.wandb_project
         if not os.environ.get("WANDB_API_KEY"):
             os.environ.setdefault("WANDB_MODE", "offline")
@@ -171,13 +254,16 @@ def _setup_tracking(cfg: RunConfig) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def _fail(e: PipelineError) -> int:
+def _fail(e: PipelineError, trace: bool = False) -> int:
+    """The one line on stderr; for a bug in us (exit 1), the trace after it."""
     msg = str(e)
     for name in SECRETS:  # a secret must never reach the terminal, even inside an error message
         val = os.environ.get(name)
         if val:
             msg = msg.replace(val, f"<{name}>")
     print(f"error: {msg}", file=sys.stderr, flush=True)
+    if trace:
+        traceback.print_exc()
     return e.exit_code
 
 

@@ -31,7 +31,8 @@ from finetune.trainer import SignalFlag, build_trainer
 
 
 def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Backend, resume: bool,
-          world_size: int = 1, is_main: bool = True, log=print, extra_callbacks: tuple | list = ()) -> Path:
+          world_size: int = 1, is_main: bool = True, log=print, extra_callbacks: tuple | list = (),
+          resume_command: str = "JOB=resume_training ./run.sh") -> Path:
     """Train and write the adapter to `paths.adapters`; return that folder.
 
     extra_callbacks: passed to trainer.build_trainer (instrumentation such as the tests' fault injection)."""
@@ -57,7 +58,7 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     # The model only now: everything above can refuse the run in seconds.
     model = _load_model(cfg, paths, base, tok, backend, p, log, is_main)
     trainer = build_trainer(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks)
-    _run(trainer, resume_from, p, paths, log)
+    _run(trainer, resume_from, p, paths, log, resume_command)
     return _save_adapter(cfg, paths, trainer, tok, p, is_main)
 
 
@@ -74,7 +75,7 @@ def _load_model(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_
     return model
 
 
-def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log) -> None:
+def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log, resume_command: str) -> None:
     """trainer.train with SIGTERM/SIGINT turned into a checkpoint and Interrupted (exit 75), OOM into exit 4."""
     stop = SignalFlag()
     with stop.installed():
@@ -88,7 +89,7 @@ def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log) 
     if stop.received:
         last = checkpoints.newest_complete(paths.checkpoints, log)
         raise Interrupted(f"stopped by {stop.received} at step {trainer.state.global_step}; saved {last}. "
-                          "Continue with JOB=resume_training ./run.sh")
+                          f"Continue with: {resume_command}")
 
 
 def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
