@@ -68,6 +68,9 @@ def resolve_epochs(cfg: RunConfig, explicit: frozenset, user_rows: int, pool: in
     per_epoch = math.ceil(rows / effective_batch(cfg))
     if "num_epochs" in explicit:
         return cfg, f"NUM_EPOCHS={cfg.epochs_label} as set ({per_epoch * cfg.num_epochs:g} optimiser steps)"
+    if cfg.max_steps > 0:  # MAX_STEPS decides the length; the folder keeps the seed's label
+        cfg = dataclasses.replace(cfg, num_epochs=float(MIN_EPOCHS))
+        return cfg, f"NUM_EPOCHS auto -> {MIN_EPOCHS} (the folder's name only: MAX_STEPS={cfg.max_steps} decides the length)"
     epochs = auto_epochs(per_epoch)
     cfg = dataclasses.replace(cfg, num_epochs=float(epochs))
     return cfg, (f"NUM_EPOCHS auto -> {epochs} because {train_rows} rows + {rows - train_rows} replay at batch "

@@ -153,18 +153,20 @@ def require_disk(where: Path, need: float, what: str, hint: str = "") -> float:
 
 # ---- the output tree: writable, one run at a time, and the run a follow-up job means ---------------------------
 def check_writable(cfg: RunConfig) -> None:
-    """BASE_SAVE_PATH and CHECKPOINT_PATH must be folders we can write (or create): checked before anything runs."""
+    """BASE_SAVE_PATH and CHECKPOINT_PATH must be folders we can write: made (they would be anyway) and probed with a
+    file, before anything runs. access() alone would pass root on a read-only filesystem."""
     for name, value in (("BASE_SAVE_PATH", cfg.base_save_path), ("CHECKPOINT_PATH", cfg.checkpoint_path or "checkpoints")):
         path = Path(value)
-        probe = path
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{name}={value}: not a folder")
-        if not probe.is_dir():
-            raise ConfigError(f"{name}={value}: {probe} is not a folder")
-        if not os.access(probe, os.W_OK | os.X_OK):
-            raise ConfigError(f"{name}={value}: {probe} is not writable")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"{name}={value}: cannot write there ({e.strerror or type(e).__name__}"
+                              f"{': ' + str(e.filename) if e.filename else ''})") from None
 
 
 class OutputLock:
@@ -214,7 +216,8 @@ class FoundRun:
 
 
 def runs_of(cfg: RunConfig) -> list[tuple[Path, dict, str]]:
-    """The runs of BASE_MODEL_NAME under BASE_SAVE_PATH: (run folder, recorded config, when it last trained)."""
+    """The runs of BASE_MODEL_NAME under BASE_SAVE_PATH that trained: (run folder, recorded config, when it last
+    trained)."""
     out = []
     for record in sorted((Path(cfg.base_save_path) / cfg.model_slug).glob("*/run.json")):
         try:
@@ -222,7 +225,8 @@ def runs_of(cfg: RunConfig) -> list[tuple[Path, dict, str]]:
         except (OSError, json.JSONDecodeError):
             continue
         trained = [j.get("started") or "" for j in data.get("jobs", []) if j.get("job") in ("train", "resume_training")]
-        out.append((record.parent, data.get("config", {}), max(trained, default="")))
+        if trained:  # a run that only prepared data has nothing for a follow-up job
+            out.append((record.parent, data.get("config", {}), max(trained)))
     return out
 
 
@@ -249,13 +253,13 @@ def find_run(cfg: RunConfig, explicit: frozenset, job: str) -> FoundRun:
     runs.sort(key=lambda r: r[2])
     datas = {str(r[1].get("data_path", "")) for r in runs}
     if len(datas) > 1:
-        listing = "; ".join(f"{r[0]} ({r[1].get('data_path', '?')}, trained {r[2] or 'never'}): "
+        listing = "; ".join(f"{r[0]} ({r[1].get('data_path', '?')}, trained {r[2]}): "
                             f"{_prefix(cfg, explicit)}NUM_EPOCHS={r[0].name} JOB={job} ./run.sh" for r in runs)
         raise ConfigError(f"JOB={job}: {len(runs)} runs of {cfg.model_slug} on different data match; pick one: {listing}")
     newest = runs[-1]
     others = f" (newest of {len(runs)}; NUM_EPOCHS=<folder> picks another)" if len(runs) > 1 else ""
     return FoundRun(newest[0], newest[1], f"[run] JOB={job} on {newest[0]}: {newest[1].get('data_path', '?')}, "
-                    f"trained {newest[2] or 'never'}{others}")
+                    f"trained {newest[2]}{others}")
 
 
 def followup(cfg: RunConfig, explicit: frozenset, job: str) -> str:

@@ -82,9 +82,11 @@ def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist:
     note = ""
     if "prepare" not in stages:  # a follow-up job: the run's own resolved values, unless set now
         found = find_run(cfg, explicit, cfg.job)
-        keep = {k: found.config[k] for k in ("num_epochs", "use_qlora", "learning_rate", "data_path", "eval_max_new_tokens")
-                if k in found.config and k not in explicit}
-        keep["num_epochs"] = float(found.run_dir.name) if _is_number(found.run_dir.name) else keep.get("num_epochs", 0.0)
+        # Everything the run trained with, so a follow-up needs only the variables that locate it.
+        fields = {f.name for f in dataclasses.fields(RunConfig)} - {"job", "rapa_cache", "overwrite"}
+        keep = {k: v for k, v in found.config.items() if k in fields and k not in explicit}
+        if _is_number(found.run_dir.name):
+            keep["num_epochs"] = float(found.run_dir.name)
         cfg = dataclasses.replace(cfg, **keep)
         note = found.note
     base = model_lib.resolve_base(cfg) if dist.is_main else None
@@ -123,16 +125,18 @@ def _is_number(s: str) -> bool:
 
 
 def _quiet_libraries() -> None:
-    """Third-party notices that read like a broken install ("pip install kernels", DeepSpeed's accelerator line,
-    wandb's offline chatter) are switched off where they are made: environment and logging levels, set once."""
+    """Third-party notices that read like a broken install are switched off where they are made, once, at the edge:
+    bitsandbytes' "pip install kernels" (an optional CPU kernel; the plain path runs), DeepSpeed's "unable to detect"
+    accelerator warning (told the device here), wandb's offline chatter (WANDB_SILENT), and trl's padding-free
+    notice about flash attention (on a CPU our padding-free batches pass position ids, which SDPA honours; checked
+    by tests/test_packing.py). Our own lines are never filtered."""
     import logging
-    import warnings
 
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda_device() else "cpu")
-    for name in ("DeepSpeed", "deepspeed", "accelerate", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*kernels.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("trl.trainer.sft_trainer").addFilter(
+        lambda record: "Padding-free training is enabled, but the attention" not in record.getMessage())
 
 
 def _has_cuda_device() -> bool:
