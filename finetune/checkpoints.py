@@ -69,12 +69,12 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def refuse_to_clobber(root: Path) -> None:
+def refuse_to_clobber(root: Path, resume_command: str = "JOB=resume_training ./run.sh") -> None:
     """JOB=train over an earlier run's checkpoints: refuse, pointing at resume (or OVERWRITE=1 to start over)."""
     existing = list_checkpoints(root)
     if existing:
         raise ConfigError(f"CHECKPOINT_PATH={root} already holds {len(existing)} checkpoint(s) of an earlier run: "
-                          "continue it with JOB=resume_training, or start over with OVERWRITE=1")
+                          f"continue it with {resume_command}, or start over with OVERWRITE=1")
 
 
 def verify(ckpt: Path) -> str | None:

@@ -152,7 +152,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
     if cfg.job == "resume_training" and _finished(paths):
         print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
         return
-    _preflight(cfg, paths, stages)
+    _preflight(cfg, paths, stages, explicit)
     dist.init()
     if base is None:  # called from code without main's resolution
         base = model_lib.resolve_base(cfg) if dist.is_main else None
@@ -222,7 +222,7 @@ def _print_done(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> Non
     print(f"[done] outputs in {paths.run_dir}:  {outputs}", flush=True)
 
 
-def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:
+def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...], explicit: frozenset = frozenset()) -> None:
     """Cheap checks before anything heavy loads, so a wrong path fails in a second, not after model loading."""
     from pathlib import Path
 
@@ -233,7 +233,7 @@ def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None
     if cfg.job == "train" and "train" in stages and not cfg.overwrite:
         from finetune.checkpoints import refuse_to_clobber
 
-        refuse_to_clobber(paths.checkpoints)
+        refuse_to_clobber(paths.checkpoints, followup(cfg, explicit, "resume_training"))
 
 
 def _finished(paths: RunPaths) -> bool:
