@@ -16,7 +16,7 @@ from finetune import model as model_lib
 from finetune.config import RunConfig
 from finetune.errors import ConfigError
 from finetune.generation import generate
-from finetune.paths import RunPaths, atomic_write_text
+from finetune.paths import RunPaths, atomic_write_text, followup
 
 
 def normalise(s: str) -> str:
@@ -120,7 +120,8 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
     tok = AutoTokenizer.from_pretrained(tuned_dir or paths.adapters)
     qs = questions_from_eval(paths, cfg.eval_max_questions)
     if not qs:
-        raise ConfigError(f"no evaluation questions in {paths.eval_file}: run JOB=prepare first")
+        raise ConfigError(f"no evaluation questions in {paths.eval_file}: prepare them first: "
+                          f"{followup(cfg, 'prepare', data=True)}")
     pr = probes(cfg)
 
     results = {}

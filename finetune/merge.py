@@ -15,7 +15,7 @@ from finetune import model as model_lib
 from finetune.config import RunConfig
 from finetune.data.tokenize import prompt_text
 from finetune.errors import ConfigError, ParityError
-from finetune.paths import RunPaths, atomic_dir, require_disk
+from finetune.paths import RunPaths, atomic_dir, require_disk, followup
 
 
 @dataclass
@@ -39,7 +39,7 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
     from transformers import AutoTokenizer
 
     if not (paths.adapters / "adapter_config.json").is_file():
-        raise ConfigError(f"no finished adapter in {paths.adapters}: train first (JOB=train or resume_training)")
+        raise ConfigError(f"no finished adapter in {paths.adapters}: finish training first: {followup(cfg, 'resume_training')}")
     _check_disk(base, paths.merged.parent)
     tok = AutoTokenizer.from_pretrained(paths.adapters)  # the tokenizer and chat template used in training
     # The merge and its parity gate run in float32 on every device: a bf16 merge adds one rounding of every merged

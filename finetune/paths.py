@@ -262,14 +262,19 @@ def find_run(cfg: RunConfig, explicit: frozenset, job: str) -> FoundRun:
                     f"trained {newest[2]}{others}")
 
 
-def followup(cfg: RunConfig, explicit: frozenset, job: str) -> str:
-    """A command that runs `job` on this run as printed: the variables that locate it, then the job."""
-    return f"{_prefix(cfg, explicit)}NUM_EPOCHS={cfg.epochs_label} JOB={job} ./run.sh"
+def followup(cfg: RunConfig, job: str, data: bool = False) -> str:
+    """A command that runs `job` on this run as printed: the variables that locate it (and DATA_PATH for a job that
+    reads the data), then the job."""
+    data_part = f"DATA_PATH={shlex.quote(cfg.data_path)} " if data else ""
+    return f"{_prefix(cfg)}{data_part}NUM_EPOCHS={cfg.epochs_label} JOB={job} ./run.sh"
 
 
-def _prefix(cfg: RunConfig, explicit: frozenset) -> str:
+def _prefix(cfg: RunConfig, explicit: frozenset = frozenset()) -> str:
+    """The locating variables that differ from their defaults (or were set): the model and the output folders."""
     names = ("base_model_name", "base_save_path", "checkpoint_path")
-    return "".join(f"{n.upper()}={shlex.quote(str(getattr(cfg, n)))} " for n in names if n in explicit)
+    default = RunConfig()
+    return "".join(f"{n.upper()}={shlex.quote(str(getattr(cfg, n)))} " for n in names
+                   if n in explicit or getattr(cfg, n) != getattr(default, n))
 
 
 def _same_path(a: str, b: str) -> bool:

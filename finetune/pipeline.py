@@ -189,7 +189,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
             with model_lib.training_switches(backend, replay_loss):
                 adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
                                  world_size=dist.world_size, is_main=dist.is_main,
-                                 resume_command=followup(cfg, explicit, "resume_training"))
+                                 resume_command=followup(cfg, "resume_training"))
             record["replay_loss"] = replay_loss  # as the plan resolved it
             runlog.artefact("adapters", adapters)
     if not dist.is_main:
@@ -233,7 +233,7 @@ def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...], explici
     if cfg.job == "train" and "train" in stages and not cfg.overwrite:
         from finetune.checkpoints import refuse_to_clobber
 
-        refuse_to_clobber(paths.checkpoints, followup(cfg, explicit, "resume_training"))
+        refuse_to_clobber(paths.checkpoints, followup(cfg, "resume_training"))
 
 
 def _finished(paths: RunPaths) -> bool:

@@ -25,7 +25,7 @@ from finetune import checkpoints, model as model_lib
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
 from finetune.errors import ConfigError, Interrupted, ResourceError
-from finetune.paths import RunPaths, atomic_dir, require_disk
+from finetune.paths import RunPaths, atomic_dir, followup, require_disk
 from finetune.plan import TrainPlan, plan, resolve_replay_loss
 from finetune.trainer import SignalFlag, build_trainer
 
@@ -41,7 +41,8 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     # Rows first: a run without prepared data stops here, before anything heavy loads.
     train_rows, eval_rows = load_rows(paths, cfg)
     if not train_rows:
-        raise ConfigError(f"no prepared training data in {paths.train_file}: run JOB=prepare (or JOB=train) first")
+        raise ConfigError(f"no prepared training data in {paths.train_file}: prepare it first: "
+                          f"{followup(cfg, 'prepare', data=True)}")
     # The dataset before the plan: the plan sizes micro-batches from the tokenised lengths. Replay rows are flagged
     # for the kl loss, which REPLAY_LOSS=auto takes on some devices only (resolved as the plan resolves it).
     replay_loss = resolve_replay_loss(cfg, backend.device)
@@ -138,7 +139,7 @@ def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, l
     ckpt = checkpoints.newest_complete(paths.checkpoints, log)
     if ckpt is None:
         raise ConfigError(f"JOB=resume_training: no complete checkpoint in {paths.checkpoints} to resume from; "
-                          "start with JOB=train")
+                          f"start over: {followup(cfg, 'train', data=True).replace(' JOB=train', ' OVERWRITE=1 JOB=train')}")
     checkpoints.require_compatible(ckpt, checkpoints.fingerprint(cfg, p, paths))
     saved_world = checkpoints.read_manifest(ckpt).get("world_size", 1)
     if saved_world != p.world_size:
