@@ -62,15 +62,16 @@ def resolve_model(cfg: RunConfig, explicit: frozenset, params: int) -> tuple[Run
 
 
 def resolve_epochs(cfg: RunConfig, explicit: frozenset, user_rows: int, pool: int) -> tuple[RunConfig, str]:
-    """NUM_EPOCHS from the number of rows; returns the config and the reason."""
-    train_rows = user_rows - round(user_rows * cfg.eval_fraction)
-    rows = train_rows + replay_rows(cfg, train_rows, pool)
-    per_epoch = math.ceil(rows / effective_batch(cfg))
+    """NUM_EPOCHS from the number of rows (user_rows: as read from DATA_PATH, before the gate; pool: the replay rows
+    there are); returns the config and the reason."""
     if "num_epochs" in explicit:
-        return cfg, f"NUM_EPOCHS={cfg.epochs_label} as set ({per_epoch * cfg.num_epochs:g} optimiser steps)"
+        return cfg, f"NUM_EPOCHS={cfg.epochs_label} as set"
     if cfg.max_steps > 0:  # MAX_STEPS decides the length; the folder keeps the seed's label
         cfg = dataclasses.replace(cfg, num_epochs=float(MIN_EPOCHS))
         return cfg, f"NUM_EPOCHS auto -> {MIN_EPOCHS} (the folder's name only: MAX_STEPS={cfg.max_steps} decides the length)"
+    train_rows = user_rows - round(user_rows * cfg.eval_fraction)
+    rows = train_rows + replay_rows(cfg, train_rows, pool)
+    per_epoch = math.ceil(rows / effective_batch(cfg))
     epochs = auto_epochs(per_epoch)
     cfg = dataclasses.replace(cfg, num_epochs=float(epochs))
     return cfg, (f"NUM_EPOCHS auto -> {epochs} because {train_rows} rows + {rows - train_rows} replay at batch "

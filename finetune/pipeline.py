@@ -96,7 +96,8 @@ def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist:
     if note:
         return cfg, base, note
     cfg, model_reason = defaults.resolve_model(cfg, explicit, facts.params)
-    rows = _count_rows(cfg) if "prepare" in stages else 0
+    counted = "prepare" in stages and "num_epochs" not in explicit and cfg.max_steps <= 0  # only where it decides
+    rows = _count_rows(cfg) if counted else 0
     cfg, epochs_reason = defaults.resolve_epochs(cfg, explicit, rows, _replay_pool(cfg, base))
     return cfg, base, defaults.preset_line(model_reason, epochs_reason)
 
