@@ -66,7 +66,15 @@ ARMS = {
     # _BLOCK_COMPILE=0: no per-block torch.compile (UNSLOTH_BLOCK_COMPILE_LEGACY=0), everything eager.
     "ours_eager": ("ours", {"_BLOCK_COMPILE": "0"}),
     "unsloth_eager": ("unsloth_raw", {"_BLOCK_COMPILE": "0"}),
+    # Issue 21. Unsloth tuned as a user would: checkpointing off, the largest micro-batch the effective batch allows
+    # (8 x 1; it fits an 80 GB+ card), its padding-free default. _BF16: LoRA on a bf16 base instead of 4-bit.
+    "unsloth_tuned": ("unsloth_raw", {"_CKPT": "off", "_MICRO": "8"}),
+    "unsloth_tuned_bf16": ("unsloth_raw", {"_CKPT": "off", "_MICRO": "8", "_BF16": "1"}),
+    # The FP8 base against the bf16 base, same learning rate; _STEPS: 33 steps so 30 losses can be compared.
+    "ours_bf16": ("ours", {"USE_QLORA": "false", "LEARNING_RATE": "1e-4", "_STEPS": "33"}),
+    "ours_fp8": ("ours", {"BASE_PRECISION": "fp8", "LEARNING_RATE": "1e-4", "_STEPS": "33"}),
 }
+DEFAULT_ARMS = "hf,unsloth_raw,unsloth_tuned,unsloth_tuned_bf16,ours,ours_bf16,ours_fp8"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -375,6 +383,7 @@ def run_workloads(make_trainer, fixed_ds, var_ds, steps: int, var_steps: int, re
 
 def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int) -> None:
     kind, env = ARMS[name]
+    steps = int(env.get("_STEPS", steps))
     result: dict = {"arm": name, "kind": kind, "env": env}
     dump = lambda: json_path.write_text(json.dumps(result, indent=1))
     t0 = time.time()
@@ -424,12 +433,16 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
         from unsloth import FastLanguageModel
         from trl import SFTTrainer
 
-        model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=SEQ, load_in_4bit=True, dtype=None,
-                                                     local_files_only=True)
+        bf16 = bool(env.get("_BF16"))
+        ckpt = {"off": False, "on": True}.get(env.get("_CKPT", "unsloth"), "unsloth")
+        micro = int(env.get("_MICRO", 4))
+        model, _ = FastLanguageModel.from_pretrained(str(model_dir), max_seq_length=SEQ, load_in_4bit=not bf16,
+                                                     load_in_16bit=bf16, dtype=None, local_files_only=True)
         model = FastLanguageModel.get_peft_model(model, **LORA, bias="none", target_modules=TARGETS,
-                                                 use_gradient_checkpointing="unsloth", random_state=SEED)
-        result["plan"] = {"micro_batch": 4, "grad_accum": 2, "grad_ckpt": "unsloth", "padding_free": "unsloth default"}
-        make = lambda ds, n: SFTTrainer(model=model, args=sft_args(work, n, 4, 2), train_dataset=ds,
+                                                 use_gradient_checkpointing=ckpt, random_state=SEED)
+        result["plan"] = {"micro_batch": micro, "grad_accum": 8 // micro, "grad_ckpt": ckpt,
+                          "padding_free": "unsloth default", "base": "bf16" if bf16 else "nf4"}
+        make = lambda ds, n: SFTTrainer(model=model, args=sft_args(work, n, micro, 8 // micro), train_dataset=ds,
                                         processing_class=tok)
     else:
         import dataclasses
@@ -484,12 +497,39 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int)
                 t.compute_loss = SFTTrainer.compute_loss.__get__(t)
             return t
     result["load_s"] = round(time.time() - t0, 1)
+    result["gpu_mem_after_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    flops, peak = _model_flops(model, kind, env, result)
     dump()
     run_workloads(make, fixed_ds, var_ds, steps, var_steps, result, dump)
+    for w in ("fixed", "var"):  # model-FLOPs utilisation (finetune/mfu.py) from the measured tokens/s
+        r = result.get(w, {})
+        tps = r.get("tokens_per_s")
+        if tps and flops.get(w) and peak:
+            r["model_tflops"] = round(tps * flops[w] / 1e12, 1)
+            r["mfu"] = round(tps * flops[w] / (peak * 1e12), 4)
+    dump()
     if isinstance(result.get("lora_paths"), dict):
         result["lora_paths"] = dict(result["lora_paths"])
     result["total_s"] = round(time.time() - t0, 1)
     dump()
+
+
+def _model_flops(model, kind: str, env: dict, result: dict):
+    """FLOPs per token of each workload (attention span from its lengths) and the peak of the arm's precision."""
+    import numpy as np
+    import torch
+
+    from finetune import mfu
+
+    rng = np.random.default_rng(SEED)  # the variable workload's lengths, as datasets_for draws them
+    lengths = np.clip(np.round(rng.lognormal(np.log(300), 1.0, 4096)), 32, SEQ)
+    spans = {"fixed": float(SEQ), "var": mfu.attention_span([int(x) for x in lengths])}
+    flops = {w: mfu.model_flops_per_token(model, s) for w, s in spans.items()}
+    precision = "fp8" if env.get("BASE_PRECISION") == "fp8" else "bf16"
+    peak = mfu.peak_tflops(torch.cuda.get_device_name(0), precision)
+    result["flops_per_token_g"] = {w: round(f / 1e9, 2) for w, f in flops.items()}
+    result["peak_tflops"] = {"precision": precision, "tflops": peak}
+    return flops, peak
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -535,8 +575,10 @@ def table(summary: dict) -> str:
     base = arms.get("hf", {}).get("fixed", {}).get("tokens_per_s")
     base_v = arms.get("hf", {}).get("var", {}).get("useful_tokens_per_s")
     raw = arms.get("unsloth_raw", {}).get("fixed", {}).get("tokens_per_s")
-    rows = [f"{'arm':<13} {'plan':<44} {'fixed tok/s':>11} {'xHF':>5} {'xUns':>5} {'peakA/R GiB':>12} "
-            f"{'var useful/s':>12} {'xHF':>5} {'peakA':>6}  first-3 losses (fixed)"]
+    tuned = arms.get("unsloth_tuned", {}).get("fixed", {}).get("tokens_per_s")
+    tuned_v = arms.get("unsloth_tuned", {}).get("var", {}).get("useful_tokens_per_s")
+    rows = [f"{'arm':<18} {'plan':<40} {'fixed tok/s':>11} {'xHF':>5} {'xUns':>5} {'xTun':>5} {'MFU':>5} {'peakA/R GiB':>12} "
+            f"{'var useful/s':>12} {'xHF':>5} {'xTun':>5} {'peakA':>6}  first-3 losses (fixed)"]
     for name, r in arms.items():
         if "skipped" in r:
             rows.append(f"{name:<13} skipped: {r['skipped']}")
@@ -550,10 +592,18 @@ def table(summary: dict) -> str:
         f, v = r.get("fixed", {}), r.get("var", {})
         ft, vt = f.get("tokens_per_s"), v.get("useful_tokens_per_s")
         x = lambda a, b: f"{a / b:.2f}" if a and b else "-"
-        rows.append(f"{name:<13} {plan:<44} {ft or f.get('error', '-')[:11] if f else '-':>11} {x(ft, base):>5} {x(ft, raw):>5} "
+        mf = f"{f['mfu']:.1%}" if f.get("mfu") else "-"
+        rows.append(f"{name:<18} {plan:<40} {ft or f.get('error', '-')[:11] if f else '-':>11} {x(ft, base):>5} {x(ft, raw):>5} "
+                    f"{x(ft, tuned):>5} {mf:>5} "
                     f"{str(f.get('peak_alloc_gib', '-')) + '/' + str(f.get('peak_reserved_gib', '-')):>12} "
-                    f"{vt or '-':>12} {x(vt, base_v):>5} {str(v.get('peak_alloc_gib', '-')):>6}  {f.get('losses_first3')}"
-                    f"  rc={r.get('rc')}")
+                    f"{vt or '-':>12} {x(vt, base_v):>5} {x(vt, tuned_v):>5} {str(v.get('peak_alloc_gib', '-')):>6}  "
+                    f"{f.get('losses_first3')}  rc={r.get('rc')}")
+    a, b = (arms.get(k, {}).get("fixed", {}).get("losses") or [] for k in ("ours_fp8", "ours_bf16"))
+    n = min(len(a), len(b), 30)
+    if n:
+        d = [abs(x - y) / abs(y) for x, y in zip(a[:n], b[:n])]
+        rows.append(f"ours_fp8 vs ours_bf16, first {n} losses: largest relative difference {max(d):.4%} "
+                    f"(step {d.index(max(d)) + 1}), mean {sum(d) / n:.4%}")
     return "\n".join(rows)
 
 
@@ -566,7 +616,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--vocab", type=int, default=128256)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")))
-    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--arms", default=DEFAULT_ARMS)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--var-steps", type=int, default=8)
     ap.add_argument("--deadline", type=float, default=540, help="seconds for the whole `all` run")

@@ -29,6 +29,7 @@ DATA_FORMATS = ("auto", "korquad", "input_output", "alpaca", "sharegpt", "messag
 DATA_COLUMN_ROLES = ("question", "answer", "context")
 GGUF_FORMATS = ("f16", "bf16", "q8_0", "q4_k_m")
 DEFAULT_GGUF = "f16,q8_0"  # what JOB=export writes when EXPORT_GGUF is empty
+GEN_PRESETS = ("greedy", "factual", "balanced", "creative")  # their values: finetune/generation.py PRESETS
 
 # Variables of the libraries we drive: allowed in `.env` (exported to the process there, where the libraries look)
 # and in the environment, and never treated as typos of ours.
@@ -98,6 +99,11 @@ class RunConfig:
     # bundled 135M model 10 of the 24 probe answers it knew (docs/QUALITY.md).
     use_qlora: bool = _f(True, "true | false | auto: load the base in NF4 4-bit with double quantisation (QLoRA); "
                          "auto = true from 1B parameters up, false below", auto=True)
+    base_precision: str = _f("auto", "auto | nf4 | bf16 | fp8: how the frozen base is stored and multiplied. nf4 is QLoRA, "
+                             "bf16 plain LoRA; fp8 stores it in e4m3 with row-wise scales and runs its GEMMs on FP8 "
+                             "tensor cores (compute capability 8.9+, e.g. H100/H200/L4; elsewhere it falls back to bf16 "
+                             "and says so). auto follows USE_QLORA; nf4/bf16/fp8 set USE_QLORA to match",
+                             ("auto", "nf4", "bf16", "fp8"))
     backend: str = _f("auto", "auto | unsloth | hf (auto: unsloth on a CUDA GPU when it imports)", ("auto", "unsloth", "hf"))
     lora_rank: int = _f(16, "LoRA rank r")
     lora_alpha: int = _f(32, "LoRA alpha (scaling = alpha / r)")
@@ -174,6 +180,18 @@ class RunConfig:
                                   "answer + 16, at least 32, at most 256", auto=True)
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
     retention_set: str = _f("data/retention/probes.json", "general-knowledge probes for the retention score (none = off)")
+    # --- using the trained model (JOB=chat, generate, serve)
+    gen_preset: str = _f("factual", "sampling preset for chat and generate: greedy | factual (temperature 0.1, top_p 0.9, "
+                         "repetition_penalty 1.0) | balanced (0.5, 0.9, 1.1) | creative (0.8, 0.95, 1.15)", GEN_PRESETS)
+    temperature: str = _f("", "overrides the preset's temperature (0 = greedy)")
+    top_p: str = _f("", "overrides the preset's top_p, in (0, 1]")
+    repetition_penalty: str = _f("", "overrides the preset's repetition penalty (1 = none)")
+    max_new_tokens: int = _f(256, "longest answer in tokens, for chat and generate")
+    system_prompt: str = _f("", "system message for chat and generate (empty: the chat template's default, as in training)")
+    prompts_path: str = _f("", "JOB=generate: prompts as JSONL (a prompt, question, input, instruction or text field), CSV "
+                           "(a column of those names) or plain text (one prompt a line); answers go to <run>/answers.jsonl")
+    serve_host: str = _f("127.0.0.1", "JOB=serve: address to listen on (0.0.0.0 to accept other machines)")
+    serve_port: int = _f(8000, "JOB=serve: port of the OpenAI-compatible endpoint")
     # --- distributed
     num_gpus: int = _f(0, "GPUs to train on (0 = every visible GPU)")
     deepspeed_config: str = _f("", "DeepSpeed JSON for several GPUs (default: configs/deepspeed/zero2.json)")
@@ -220,7 +238,10 @@ class RunConfig:
         keys = ("base_model_name", "use_qlora", "lora_rank", "lora_alpha", "target_modules", "max_seq_length",
                 "grad_accum", "data_format", "data_columns", "qa_with_context", "train_on_inputs", "chat_template", "packing",
                 "replay_fraction", "replay_loss", "replay_weight", "seed", "num_epochs", "lora_dropout")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        if self.base_precision != "auto":  # absent under auto, so checkpoints from before it resume unchanged
+            out["base_precision"] = self.base_precision
+        return out
 
     # ------------------------------------------------------------------------------------------------
     @classmethod
@@ -268,8 +289,25 @@ class RunConfig:
         need(not (self.offload_weights == "on" and self.gradient_checkpointing in ("off", "on")),
              f"OFFLOAD_WEIGHTS=on streams the layers through offloaded checkpointing: it needs GRADIENT_CHECKPOINTING="
              f"offload or auto, not {self.gradient_checkpointing}")
+        need(not (self.base_precision == "fp8" and self.offload_weights == "on"),
+             "BASE_PRECISION=fp8 keeps its FP8 weights on the GPU: it cannot stream them (OFFLOAD_WEIGHTS=on); use "
+             "BASE_PRECISION=nf4 for the leanest memory")
         need(self.max_gpu_memory >= 0, f"MAX_GPU_MEMORY={self.max_gpu_memory}: must be >= 0 (GB)")
         need(self.num_gpus >= 0, f"NUM_GPUS={self.num_gpus}: must be >= 0")
+        need(self.max_new_tokens >= 1, f"MAX_NEW_TOKENS={self.max_new_tokens}: must be >= 1")
+        need(1 <= self.serve_port <= 65535, f"SERVE_PORT={self.serve_port}: must be a port number (1-65535)")
+        need(not (self.job == "generate" and not self.prompts_path),
+             "JOB=generate needs PROMPTS_PATH: a .jsonl, .csv or .txt file of prompts")
+        for name, low, high, low_open in (("temperature", 0, 10, False), ("top_p", 0, 1, True),
+                                          ("repetition_penalty", 0, 10, True)):
+            raw = getattr(self, name)
+            try:
+                v = float(raw) if raw != "" else None
+            except ValueError:
+                v = float("nan")
+            need(v is None or ((low < v if low_open else low <= v) and v <= high),
+                 f"{name.upper()}={raw!r}: must be a number in {'(' if low_open else '['}{low}, {high}] "
+                 f"(or unset for GEN_PRESET={self.gen_preset}'s)")
         need(self.eval_max_new_tokens >= 0, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1 (or auto)")
         mods = [m.strip() for m in self.target_modules.split(",")]
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
@@ -367,6 +405,15 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike |
         problems.append(f"NODE_RANK={launch['NODE_RANK']} with NNODES={launch['NNODES']}: must be in 0 .. NNODES-1")
     if launch["HOSTFILE"] and not Path(launch["HOSTFILE"]).is_file():
         problems.append(f"HOSTFILE={launch['HOSTFILE']}: no such file")
+    # BASE_PRECISION names the base's storage; USE_QLORA (the seed's switch) follows it unless set against it.
+    bp = values.get("base_precision", "auto")
+    if bp != "auto":
+        want = bp == "nf4"
+        if "use_qlora" in explicit and values.get("use_qlora", want) != want:
+            problems.append(f"BASE_PRECISION={bp} contradicts USE_QLORA={merged['USE_QLORA']}: unset one "
+                            f"(BASE_PRECISION=nf4 is QLoRA; bf16 and fp8 are not)")
+        values["use_qlora"] = want
+        explicit.add("use_qlora")  # set through BASE_PRECISION: the size rule leaves it alone
     # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
     # so one error lists every problem.
     cfg = RunConfig(**values)

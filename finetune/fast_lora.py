@@ -20,8 +20,9 @@ LORA_KERNELS=auto's threshold on the hidden size (model.Backend.lora_kernels); L
 Unsloth's own kernels and its compiled blocks. The measurements behind both, per layer and for the whole step, are
 in docs/BENCHMARKS.md ("GPU speed", `bench/fast_lora_check.py` and runs 10-13).
 
-Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32 or bitsandbytes 4-bit
-base weight, eager. Everything else (dropout, biases, fp8, int4, torch.compile tracing) runs Unsloth's own code
+Only the common case takes this path: no LoRA dropout, no LoRA bias, a bf16/fp16/fp32, bitsandbytes 4-bit or
+finetune/fp8.py FP8 base weight (BASE_PRECISION=fp8: routed to fp8.py's Functions, same math with FP8 base GEMMs),
+eager. Everything else (dropout, biases, other fp8 or int4 formats, torch.compile tracing) runs Unsloth's own code
 unchanged. `install()` routes Unsloth's LoRA_QKV / LoRA_MLP / LoRA_W through here; the Function classes below are
 the same math on plain tensors, which the CPU test suite checks against autograd, also traced by torch.compile
 (where dX gets its own buffer: AOT autograd forbids a backward writing into a forward input).
@@ -230,6 +231,8 @@ class LoRAW(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------------------------------------
 def _plain_weight(W, W_quant) -> bool:
+    if W is not None and W.dtype == torch.float8_e4m3fn:  # BASE_PRECISION=fp8: finetune/fp8.py's FP8 weights only
+        return getattr(W, "_rapa_fp8", None) is not None
     if W_quant is None:
         return type(W) in (torch.Tensor, torch.nn.Parameter) and W.dim() == 2 and W.dtype in _FP_DTYPES
     return type(W_quant).__name__ == "QuantState"  # bitsandbytes 4-bit: what fast_dequantize expands
@@ -244,15 +247,19 @@ def _eligible(X, weights, tail) -> bool:
     return all(_plain_weight(W, Wq) for W, Wq in weights)
 
 
-def _route(cls, ours, eligible, fwd_deco, bwd_deco) -> None:
+def _route(cls, ours, eligible, fwd_deco, bwd_deco, ours_fp8=None) -> None:
     orig_fwd, orig_bwd = cls.forward, cls.backward
 
     def forward(ctx, *args):
         ctx._rapa_fast = eligible(args)
-        return (ours.forward if ctx._rapa_fast else orig_fwd)(ctx, *args)
+        # An FP8 base (args[1] is the first projection's weight) takes finetune/fp8.py's Functions.
+        ctx._rapa_impl = (ours_fp8 if ours_fp8 is not None and args[1].dtype == torch.float8_e4m3fn else ours) \
+            if ctx._rapa_fast else None
+        return (ctx._rapa_impl.forward if ctx._rapa_fast else orig_fwd)(ctx, *args)
 
     def backward(ctx, *grads):
-        return (ours.backward if getattr(ctx, "_rapa_fast", False) else orig_bwd)(ctx, *grads)
+        impl = getattr(ctx, "_rapa_impl", None)
+        return (impl.backward if impl is not None else orig_bwd)(ctx, *grads)
 
     forward._rapa_original = (orig_fwd, orig_bwd)
     cls.forward, cls.backward = staticmethod(fwd_deco(forward)), staticmethod(bwd_deco(backward))
@@ -269,6 +276,8 @@ def install() -> bool:
     """Route Unsloth's fused LoRA Functions through the kernels above (idempotent). Needs unsloth imported."""
     import unsloth.kernels.fast_lora as fl  # pragma: no cover - GPU
 
+    from finetune import fp8
+
     if installed():
         return True
     _hooks["dequant"] = lambda W, Wq, dtype, buf=False: (
@@ -278,10 +287,10 @@ def install() -> bool:
     fwd, bwd = fl.torch_amp_custom_fwd, fl.torch_amp_custom_bwd
     # Argument positions: (X, W, W_quant, A, B, S) per projection, then the optional dropout / biases.
     _route(fl.LoRA_QKV, LoRAQKV, lambda a: _eligible(a[0], [(a[1], a[2]), (a[6], a[7]), (a[11], a[12])], a[17:]),
-           fwd, bwd)
+           fwd, bwd, fp8.FP8LoRAQKV)
     _route(fl.LoRA_MLP, LoRAMLP, lambda a: _eligible(a[0], [(a[1], a[2]), (a[6], a[7]), (a[11], a[12])], a[19:]),
-           fwd, bwd)
-    _route(fl.LoRA_W, LoRAW, lambda a: _eligible(a[0], [(a[1], a[2])], a[6:]), fwd, bwd)
+           fwd, bwd, fp8.FP8LoRAMLP)
+    _route(fl.LoRA_W, LoRAW, lambda a: _eligible(a[0], [(a[1], a[2])], a[6:]), fwd, bwd, fp8.FP8LoRAW)
     return True
 
 

@@ -27,6 +27,10 @@ JOBS: dict[str, Job] = {
     "merge": Job("merge the saved adapter into the base (parity-checked)", ("merge",)),
     "evaluate": Job("score base and fine-tuned model on the questions and retention probes", ("evaluate",)),
     "export": Job("write GGUF files and a Modelfile from the merged model (EXPORT_GGUF; empty: f16,q8_0)", ("export",)),
+    "chat": Job("talk to the run's model in the terminal (merged, or the adapter on its base); /reset, /exit", ("chat",)),
+    "generate": Job("answer every prompt in PROMPTS_PATH into <run>/answers.jsonl, batched", ("generate",)),
+    "serve": Job("an OpenAI-compatible endpoint for the run's model (transformers serve) on SERVE_HOST:SERVE_PORT",
+                 ("serve",)),
     "test": Job("the test suite (pytest; extra arguments after the job go to pytest)", runner="pytest"),
 }
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune import model as model_lib
+from finetune import portable
 from finetune.config import RunConfig
 from finetune.data.tokenize import prompt_text
 from finetune.errors import ConfigError, ParityError
@@ -27,6 +28,7 @@ class Parity:
     stops_at_eos: bool
     qlora_gap: float | None = None   # max |logit diff|, adapter on the 4-bit base (as trained) vs merged
     qlora_gap_scale: float | None = None  # the largest |logit| of the adapter on the 4-bit base: the gap's yardstick
+    fp8_gap: float | None = None     # BASE_PRECISION=fp8: adapter on the FP8 round trip of the base vs merged
 
     @property
     def ok(self) -> bool:
@@ -75,6 +77,7 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
             log("[merge] MERGE_PARITY=off: parity gate skipped")
         if store != torch.float32:
             _restore_dtype(tmp, store, log)
+        portable.for_transformers4(tmp)  # after the last save_pretrained, which writes transformers 5's keys only
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
 
@@ -152,6 +155,7 @@ def _merge_sharded(cfg: RunConfig, paths: RunPaths, base: str, tok, prompts, dev
                 {"mode": "per-tensor", "max_abs_weight_diff": worst, "merged_tensors": len(summary["merged"])},
                 indent=1) + "\n")
             log(f"[merge] per-tensor check: max |weight diff| {worst:.2e} over sampled merged tensors")
+        portable.for_transformers4(tmp)
     log(f"[merge] merged model written to {paths.merged}")
     return paths.merged
 
@@ -214,10 +218,13 @@ def _parity_gate(cfg, base: str, paths: RunPaths, tok, prompts, reference, ref_g
     parity = _gate(cfg, folder, tok, prompts, reference, ref_greedy, device, dtype)
     if cfg.use_qlora:
         parity.qlora_gap, parity.qlora_gap_scale = _qlora_gap(cfg, base, paths, tok, prompts, folder, device)
+    elif cfg.base_precision == "fp8":
+        parity.fp8_gap = _fp8_gap(base, paths, tok, prompts, folder, device)
     (folder / "merge_parity.json").write_text(json.dumps(asdict(parity), indent=1) + "\n")
     log(f"[merge] parity: max |logit diff| {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.1e}); "
         f"greedy identical {parity.greedy_identical}/{parity.prompts}; stops at EOS: {parity.stops_at_eos}"
-        + (f"\n{gap_line(cfg, parity)}" if parity.qlora_gap is not None else ""))
+        + (f"\n{gap_line(cfg, parity)}" if parity.qlora_gap is not None else "")
+        + (f"; FP8 gap (FP8 base vs merged) {parity.fp8_gap:.3f} logits" if parity.fp8_gap is not None else ""))
     if not parity.ok:
         raise ParityError(f"merge rejected: max |logit diff| {parity.max_abs_logit_diff:.3e} vs tolerance "
                           f"{parity.tolerance:.1e}, greedy identical {parity.greedy_identical}/{parity.prompts}; "
@@ -276,6 +283,28 @@ def _qlora_gap(cfg, base, paths, tok, prompts, merged_dir: Path, device) -> tupl
     except Exception as e:  # informational only; the gate itself has already passed
         print(f"[merge] could not measure the QLoRA gap: {type(e).__name__}: {e}")
         return None, None
+
+
+def _fp8_gap(base, paths, tok, prompts, merged_dir: Path, device) -> float | None:
+    """Max |logit diff| between the adapter on the FP8 round trip of the base (what BASE_PRECISION=fp8 trained on:
+    its targeted projections through e4m3 with row scales) and the merged model."""
+    try:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from finetune import fp8
+
+        targets = json.loads((paths.adapters / "adapter_config.json").read_text()).get("target_modules")
+        q = model_lib.load_plain(base, tok, device)
+        fp8.round_trip_(q, None if isinstance(targets, str) else targets)  # a string is all-linear (or a pattern)
+        q = PeftModel.from_pretrained(q, str(paths.adapters)).eval()
+        a = _logits(q, tok, prompts, device)
+        m = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=model_lib.compute_dtype(device)).to(device).eval()
+        b = _logits(m, tok, prompts, device)
+        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+    except Exception as e:  # informational only; the gate itself has already passed
+        print(f"[merge] could not measure the FP8 gap: {type(e).__name__}: {e}")
+        return None
 
 
 def _check_disk(base: str, dest: Path) -> None:

@@ -271,9 +271,38 @@ def load_for_training(cfg: RunConfig, base: str, tok, backend: Backend, p: Train
     p.grad_ckpt: off | on | offload | stream | partial (p.keep_layers decoder layers keep their activations; Unsloth
     only); p.lora_kernels: fast | unsloth (Unsloth only); p.replay_loss: kl needs the logits.
     """
-    grad_ckpt = p.grad_ckpt
+    grad_ckpt, lora_kernels = p.grad_ckpt, p.lora_kernels
+    # BASE_PRECISION=fp8: the base loads in bf16, then its LoRA-wrapped projections become FP8 (finetune/fp8.py).
+    precision, why = base_precision(cfg, backend)
+    if precision == "fp8" and grad_ckpt == "stream":
+        raise ConfigError("BASE_PRECISION=fp8 does not fit this GPU's memory plan (only streamed weights fit, and FP8 "
+                          "weights stay on the GPU): use BASE_PRECISION=nf4 (QLoRA) here")
+    if precision == "fp8":
+        lora_kernels = "fast"  # the FP8 GEMMs live in fast_lora's routed Functions (finetune/fp8.py)
+    model = _load_peft(cfg, base, tok, backend, grad_ckpt, p.keep_layers, lora_kernels)
+    if precision == "fp8":
+        from finetune import fp8
+
+        n = fp8.quantize_lora_bases(model)
+        print(f"[model] FP8 base: {n['layers']} projections quantised to e4m3 (row scales), "
+              f"{n['bf16_bytes'] / 2**30:.2f} GiB bf16 -> {n['fp8_bytes'] / 2**30:.2f} GiB (weights + K-major copies)",
+              flush=True)
+    elif cfg.base_precision == "fp8":
+        print(f"[model] {why}", flush=True)
+    return model
+
+
+def base_precision(cfg: RunConfig, backend: Backend) -> tuple[str, str]:
+    """(nf4 | bf16 | fp8, why) for this run: BASE_PRECISION=fp8 falls back to bf16 where FP8 GEMMs cannot run."""
+    from finetune import fp8
+
+    return fp8.resolve(cfg.base_precision, cfg.use_qlora, backend.device)
+
+
+def _load_peft(cfg: RunConfig, base: str, tok, backend: Backend, grad_ckpt: str, keep_layers: int,
+               lora_kernels: str):
     if backend.unsloth:
-        return _load_unsloth(cfg, base, tok, grad_ckpt, p.keep_layers, p.lora_kernels)
+        return _load_unsloth(cfg, base, tok, grad_ckpt, keep_layers, lora_kernels)
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM

@@ -248,7 +248,7 @@ def find_run(cfg: RunConfig, explicit: frozenset, job: str) -> FoundRun:
     where = Path(cfg.base_save_path) / cfg.model_slug
     if not runs:
         train = " ".join(w for w in wanted if not w.startswith("NUM_EPOCHS")) + (" " if wanted else "")
-        raise ConfigError(f"JOB={job}: no run of {cfg.model_slug} in {where}" + (f" with {', '.join(wanted)}" if wanted else "")
+        raise ConfigError(f"JOB={job}: no trained run of {cfg.model_slug} in {where}" + (f" with {', '.join(wanted)}" if wanted else "")
                           + f"; train one first: {_prefix(cfg, explicit)}{train}./run.sh")
     runs.sort(key=lambda r: r[2])
     datas = {str(r[1].get("data_path", "")) for r in runs}

@@ -1,5 +1,7 @@
 """Runs the stages a JOB names (the table is finetune/jobs.py) and maps failures to exit codes.
 
+    chat | generate | serve   the run's model in use (finetune/use.py)
+
 Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupted (resumable), 1 anything else.
 """
 
@@ -20,6 +22,7 @@ from finetune.paths import OutputLock, RunPaths, check_writable, find_run, follo
 from finetune.runlog import RunLog
 
 STAGES = {name: job.stages for name, job in JOBS.items() if job.runner == "pipeline"}
+USE = ("chat", "generate", "serve")  # the trained model in use (finetune/use.py)
 
 
 def main(only: tuple[str, ...] | None = None) -> int:
@@ -39,7 +42,7 @@ def main(only: tuple[str, ...] | None = None) -> int:
     lock = OutputLock(cfg, cfg.job)
     try:  # the user's errors before anything heavy: output folders, the lock, the model, the run, the data's size
         check_writable(cfg)
-        if dist.is_main:
+        if dist.is_main and stages[0] not in USE:  # using a model only reads the run (chat, serve: for hours)
             lock.acquire()
         dist.init()
         cfg, base, preset = _resolve(cfg, settings.explicit, stages, dist)
@@ -79,6 +82,8 @@ def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist:
 
     if "prepare" in stages and not Path(cfg.data_path).exists():
         raise DataError(f"DATA_PATH={cfg.data_path}: no such file or folder")
+    if "generate" in stages and not Path(cfg.prompts_path).is_file():
+        raise ConfigError(f"PROMPTS_PATH={cfg.prompts_path}: no such file")
     note = ""
     if "prepare" not in stages:  # a follow-up job: the run's own resolved values, unless set now
         found = find_run(cfg, explicit, cfg.job)
@@ -150,6 +155,8 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
     from finetune import model as model_lib
 
     stages = only or STAGES[cfg.job]
+    if stages[0] in USE:
+        return _use(cfg, paths, runlog, stages[0])
     if cfg.job == "resume_training" and _finished(paths):
         print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
         return
@@ -221,6 +228,20 @@ def _print_done(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> Non
     ran = [made[s] for s in stages if s in made and (s != "export" or cfg.job == "export" or cfg.export_gguf)]
     outputs = "  ".join(f"{p.relative_to(paths.run_dir)}{'/' if p.is_dir() else ''}" for p in ran if p.exists())
     print(f"[done] outputs in {paths.run_dir}:  {outputs}", flush=True)
+
+
+def _use(cfg: RunConfig, paths: RunPaths, runlog: RunLog, job: str) -> None:
+    """The run's model in use: no training machinery; the base is resolved only for an adapter not yet merged."""
+    from finetune import use
+
+    if job == "chat":  # interactive: nothing to record beyond the job's own line in run.json
+        use.chat(cfg, paths)
+        return
+    with runlog.stage(job):
+        if job == "generate":
+            runlog.artefact("answers", use.generate_file(cfg, paths))
+        else:
+            use.serve(cfg, paths)
 
 
 def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...], explicit: frozenset = frozenset()) -> None:

@@ -21,13 +21,13 @@ import torch
 from datasets import Dataset
 from transformers import set_seed
 
-from finetune import checkpoints, model as model_lib
+from finetune import checkpoints, mfu, model as model_lib, portable
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
 from finetune.errors import ConfigError, Interrupted, ResourceError
 from finetune.paths import RunPaths, atomic_dir, followup, require_disk
 from finetune.plan import TrainPlan, plan, resolve_replay_loss
-from finetune.trainer import SignalFlag, build_trainer
+from finetune.trainer import SignalFlag, SpeedMeter, build_trainer
 
 
 def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Backend, resume: bool,
@@ -58,7 +58,10 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
         p = _keep_checkpoint_optimizer(p, resume_from, backend, log)
     # The model only now: everything above can refuse the run in seconds.
     model = _load_model(cfg, paths, base, tok, backend, p, log, is_main)
-    trainer = build_trainer(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks)
+    speed = speed_meter(cfg, backend, model, [len(x) for x in train_ds["input_ids"]], p.world_size)
+    log(speed.describe())
+    trainer = build_trainer(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks,
+                            speed=speed)
     _run(trainer, resume_from, p, paths, log, resume_command)
     return _save_adapter(cfg, paths, trainer, tok, p, is_main)
 
@@ -91,6 +94,15 @@ def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log, 
         last = checkpoints.newest_complete(paths.checkpoints, log)
         raise Interrupted(f"stopped by {stop.received} at step {trainer.state.global_step}; saved {last}. "
                           f"Continue with: {resume_command}")
+
+
+def speed_meter(cfg: RunConfig, backend: model_lib.Backend, model, lengths: list[int], world_size: int = 1) -> SpeedMeter:
+    """The FLOPs a token costs this model and the GPU's peak for the base's precision (finetune/mfu.py)."""
+    precision, why = model_lib.base_precision(cfg, backend)
+    span = mfu.attention_span([min(n, cfg.max_seq_length) for n in lengths]) if lengths else cfg.max_seq_length
+    device = torch.cuda.get_device_name(0) if backend.device == "cuda" else "CPU"
+    peak = mfu.peak_tflops(device, precision) if backend.device == "cuda" else None
+    return SpeedMeter(precision, why, mfu.model_flops_per_token(model, span), peak and peak * world_size, device)
 
 
 def load_rows(paths: RunPaths, cfg: RunConfig) -> tuple[list[dict], list[dict]]:
@@ -209,6 +221,8 @@ def _save_adapter(cfg: RunConfig, paths: RunPaths, trainer, tok, p: TrainPlan, i
             if f.name != "training_args.bin":  # a pickle; the config below says the same in JSON
                 shutil.move(str(f), tmp / f.name)
         tok.save_pretrained(tmp)  # the training chat template travels with the adapter
+        portable.name_adapter_base(tmp, cfg)
+        portable.for_transformers4(tmp)
         info = {"base_model_name": cfg.base_model_name, "global_step": trainer.state.global_step,
                 "effective_batch": p.effective_batch, "world_size": p.world_size, "backend": p.backend,
                 "replay_loss": p.replay_loss, "config": cfg.public_dict()}

@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from finetune import checkpoints
+from finetune import mfu as mfu_lib
 from finetune.config import RunConfig
 from finetune.errors import ConfigError, PipelineError, ResourceError
 from finetune.paths import RunPaths
@@ -33,7 +35,7 @@ class NonFiniteLoss(PipelineError):
 
 
 def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, train_ds, eval_ds=None, *, log=print,
-                  extra_callbacks: tuple | list = ()) -> SFTTrainer:
+                  extra_callbacks: tuple | list = (), speed: "SpeedMeter | None" = None) -> SFTTrainer:
     """The trainer for `model` (from model.load_for_training) as the plan `p` says.
 
     extra_callbacks: TrainerCallbacks added to ours (the plugin point for instrumentation: the tests' fault
@@ -84,7 +86,7 @@ def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, tra
     # One process: no host-GPU sync inside a step (GuardedSFTTrainer). Several: trl's own loss path, whose token
     # count is gathered across the processes.
     no_sync = p.world_size == 1
-    callbacks = [_MetricsCallback(paths.metrics), *extra_callbacks, _SealCallback(cfg, paths, p, log), _SignalCallback()]
+    callbacks = [_MetricsCallback(paths.metrics, speed, log), *extra_callbacks, _SealCallback(cfg, paths, p, log), _SignalCallback()]
     if cfg.early_stopping_patience:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
     trainer = GuardedSFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -231,9 +233,52 @@ class GuardedSFTTrainer(SFTTrainer):
 
 
 # ---- callbacks and the signal state ------------------------------------------------------------------------
+@dataclass
+class SpeedMeter:
+    """Tokens/s and model-FLOPs utilisation for the banner and metrics.jsonl (finetune/mfu.py has the formula)."""
+
+    precision: str                 # nf4 | bf16 | fp8: the base's GEMM precision
+    why: str
+    flops_per_token: float
+    peak_tflops: float | None      # the whole run's: per GPU x processes
+    device: str
+
+    def describe(self) -> str:
+        peak = f"{self.peak_tflops:,.0f} TFLOP/s dense {'FP8' if self.precision == 'fp8' else 'bf16'} peak" \
+            if self.peak_tflops else f"no peak known for {self.device}: MFU not reported"
+        return (f"[train] base weights {self.precision} ({self.why}); {self.flops_per_token / 1e9:.2f} GFLOP per token "
+                f"(4 x frozen + 6 x trainable + causal attention); {peak}; tokens/s and MFU go to metrics.jsonl")
+
+    def mfu(self, tokens_per_s: float) -> float | None:
+        return mfu_lib.mfu(tokens_per_s, self.flops_per_token, self.peak_tflops)
+
+
 class _MetricsCallback(TrainerCallback):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, speed: SpeedMeter | None = None, log=print):
         self.path = Path(path)
+        self.speed, self.log = speed, log
+        self.last = self.first = None  # (time, tokens) at the previous log and at the first one
+
+    def _throughput(self, logs: dict) -> dict:
+        """tokens/s since the previous log line (tokens as trl counts them: non-pad) and the MFU it means."""
+        tokens, now = logs.get("num_tokens"), time.time()
+        if tokens is None:
+            return {}
+        prev, self.last = self.last, (now, float(tokens))
+        self.first = self.first or self.last
+        if prev is None or now <= prev[0] or tokens <= prev[1]:
+            return {}
+        tps = (tokens - prev[1]) / (now - prev[0])
+        out = {"tokens_per_s": round(tps, 1)}
+        m = self.speed.mfu(tps) if self.speed else None
+        return {**out, "mfu": round(m, 4)} if m is not None else out
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.first and self.last and self.last[0] > self.first[0] and state.is_world_process_zero:
+            tps = (self.last[1] - self.first[1]) / (self.last[0] - self.first[0])
+            m = self.speed.mfu(tps) if self.speed else None
+            self.log(f"[train] {tps:,.0f} tokens/s after the first logged step"
+                     + (f", MFU {m:.1%} of the {self.speed.peak_tflops:,.0f} TFLOP/s peak" if m is not None else ""))
 
     def on_train_begin(self, args, state, control, **kw):
         # A resumed run drops the lines past the checkpoint it resumes from, so the curve has no duplicates.
@@ -246,7 +291,8 @@ class _MetricsCallback(TrainerCallback):
             return
         rec = {"step": state.global_step, "epoch": round(state.epoch or 0, 4), "time": round(time.time(), 3)}
         if "loss" in logs:
-            rec.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
+            rec.update(loss=logs["loss"], learning_rate=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"),
+                       **self._throughput(logs))
         elif "eval_loss" in logs:
             rec.update(eval_loss=logs["eval_loss"])
         else:

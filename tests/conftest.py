@@ -10,6 +10,11 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "transformers4: runs an artefact in transformers 4, in its own venv under the cache "
+                            "(built from PyPI on first use, then reused)")
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from finetune.config import RunConfig

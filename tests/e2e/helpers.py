@@ -44,3 +44,32 @@ def probe_file(tmp: Path, n: int = 4) -> Path:
     p = tmp / "probes.json"
     p.write_text(json.dumps(probes, ensure_ascii=False))
     return p
+
+
+TRANSFORMERS4 = "4.57.6"  # the latest transformers 4, which many serving stacks still pin
+
+
+def transformers4_python() -> Path:
+    """A Python with transformers 4 and the CPU torch, in its own venv under the cache: made once (a minute, from
+    PyPI), then reused. A lock keeps two test processes from building it at once."""
+    import fcntl
+    import sys
+
+    from finetune.embedded import cache_root
+
+    venv = cache_root() / "venvs" / f"transformers-{TRANSFORMERS4}"
+    python = venv / "bin" / "python"
+    if (venv / ".ready").is_file():
+        return python
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (venv / ".ready").is_file():
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+            # torch as pinned in requirements.txt (pip's configuration finds the CPU wheel, as for .venv);
+            # transformers 4 brings its own tokenizers and hub client.
+            r = subprocess.run([str(python), "-m", "pip", "install", "-q", "torch==2.13.0", f"transformers=={TRANSFORMERS4}"],
+                               capture_output=True, text=True)
+            assert r.returncode == 0, f"could not build the transformers {TRANSFORMERS4} venv:\n{r.stderr[-3000:]}"
+            (venv / ".ready").write_text(TRANSFORMERS4 + "\n")
+    return python

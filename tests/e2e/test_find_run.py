@@ -48,4 +48,4 @@ def test_follow_up_jobs_take_the_newest_run_say_which_and_refuse_with_a_list_whe
 def test_a_follow_up_job_without_a_run_says_how_to_make_one(tmp_path, tiny_llama_dir):
     r = run_sh(tmp_path, "merge", BASE_MODEL_NAME=str(tiny_llama_dir))
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert re.search(r"no run of \S+ in .*; train one first: BASE_MODEL_NAME=\S+ .*\./run\.sh", r.stderr), r.stderr
+    assert re.search(r"no trained run of \S+ in .*; train one first: BASE_MODEL_NAME=\S+ .*\./run\.sh", r.stderr), r.stderr

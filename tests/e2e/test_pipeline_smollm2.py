@@ -11,12 +11,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def qlora_run(tmp_path_factory, smollm2_dir):
-    tmp = tmp_path_factory.mktemp("qlora")
-    data = write_jsonl(tmp / "qa.jsonl", qa_rows(8))
-    r = run_sh(tmp, DATA_PATH=data, USE_QLORA="true", MAX_STEPS=3, BATCH_SIZE=4, LEARNING_RATE=1e-3, SAVE_STEPS=2,
-               EVAL_MAX_NEW_TOKENS=12, RETENTION_SET=probe_file(tmp), REPLAY_FRACTION=0)
-    return tmp, r
+def qlora_run(smollm2_run):
+    return smollm2_run.tmp, smollm2_run.result  # tests/e2e/conftest.py: one run shared with tests/e2e/test_use_smollm2.py
 
 
 def test_train_job_runs_every_stage_and_honours_the_output_contract(qlora_run):
