@@ -45,7 +45,7 @@ def main(only: tuple[str, ...] | None = None) -> int:
         if dist.is_main and stages[0] not in USE:  # using a model only reads the run (chat, serve: for hours)
             lock.acquire()
         dist.init()
-        cfg, base, preset = _resolve(cfg, settings.explicit, stages, dist)
+        cfg, base, backend, preset = _resolve(cfg, settings.explicit, stages, dist)
     except PipelineError as e:
         return _fail(e)
     _setup_tracking(cfg, stages)
@@ -54,7 +54,7 @@ def main(only: tuple[str, ...] | None = None) -> int:
     paths = RunPaths.from_config(cfg)
     runlog = RunLog(cfg, paths, enabled=dist.is_main)
     try:
-        run(cfg, paths, runlog, only, dist, base=base, explicit=settings.explicit)
+        run(cfg, paths, runlog, only, dist, base=base, backend=backend, explicit=settings.explicit)
     except PipelineError as e:
         runlog.finish(e.exit_code, str(e))
         return _fail(e)
@@ -74,10 +74,10 @@ def main(only: tuple[str, ...] | None = None) -> int:
     return 0
 
 
-def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist: Dist) -> tuple[RunConfig, str, str]:
+def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist: Dist) -> tuple:
     """The automatic values and the run folder, before any path is used: a follow-up job takes the run it finds
     (finetune/paths.find_run); a training job resolves from the model's size and the data's rows
-    (finetune/defaults.py). Returns (config, local base folder, the banner's [preset] line)."""
+    (finetune/defaults.py). Returns (config, local base folder, backend, the banner's [preset] line)."""
     from finetune import defaults, model as model_lib
 
     if "prepare" in stages and not Path(cfg.data_path).exists():
@@ -97,14 +97,16 @@ def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist:
     base = model_lib.resolve_base(cfg) if dist.is_main else None
     dist.barrier()  # the embedded model is converted once, by rank 0
     base = base or model_lib.resolve_base(cfg)
+    # Unsloth (on a GPU) must be imported before transformers, which the structure check below imports.
+    backend = model_lib.choose_backend(cfg, dist.world_size) if stages[0] not in USE else None
     facts = model_lib.inspect_base(base, cfg)
     if note:
-        return cfg, base, note
+        return cfg, base, backend, note
     cfg, model_reason = defaults.resolve_model(cfg, explicit, facts.params)
     counted = "prepare" in stages and "num_epochs" not in explicit and cfg.max_steps <= 0  # only where it decides
     rows = _count_rows(cfg) if counted else 0
     cfg, epochs_reason = defaults.resolve_epochs(cfg, explicit, rows, _replay_pool(cfg, base))
-    return cfg, base, defaults.preset_line(model_reason, epochs_reason)
+    return cfg, base, backend, defaults.preset_line(model_reason, epochs_reason)
 
 
 def _count_rows(cfg: RunConfig) -> int:
@@ -150,7 +152,7 @@ def _has_cuda_device() -> bool:
 
 
 def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] | None = None,
-        dist: Dist = Dist(), base: str | None = None, explicit: frozenset = frozenset()) -> None:
+        dist: Dist = Dist(), base: str | None = None, backend=None, explicit: frozenset = frozenset()) -> None:
     """The table of contents of a job. With several processes, rank 0 does everything but training alone."""
     from finetune import model as model_lib
 
@@ -166,7 +168,7 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
         base = model_lib.resolve_base(cfg) if dist.is_main else None
         dist.barrier()  # the embedded model is converted once, by rank 0
         base = base or model_lib.resolve_base(cfg)
-    backend = model_lib.choose_backend(cfg, dist.world_size)
+    backend = backend or model_lib.choose_backend(cfg, dist.world_size)
     if dist.is_main:
         print(f"[model] base {cfg.base_model_name} -> {base}; backend {backend.name} ({backend.why})", flush=True)
     if not dist.is_main:
