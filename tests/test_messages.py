@@ -27,3 +27,15 @@ def test_the_evaluation_budget_follows_the_longest_reference_answer(smollm2_dir)
     assert evaluate.token_budget(RunConfig(), tok, [{"answers": ["Paris"]}]) == 32  # short answers keep 32
     assert evaluate.token_budget(RunConfig(eval_max_new_tokens=12), tok, items) == 12  # as set
     assert evaluate.token_budget(RunConfig(), tok, [{"answers": ["word " * 1000]}]) == 256
+
+
+def test_a_bug_prints_the_one_line_first_and_then_the_trace(capsys):
+    from finetune import pipeline
+    from finetune.errors import PipelineError
+
+    try:
+        {}["missing"]
+    except KeyError as e:
+        code = pipeline._fail(PipelineError(f"unexpected KeyError: {e} (trace below)"), trace=True)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and err[0].startswith("error: unexpected KeyError") and err[1].startswith("Traceback")

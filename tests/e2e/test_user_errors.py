@@ -112,3 +112,13 @@ def test_a_second_run_on_a_tree_in_use_is_refused_naming_the_first_and_kill_9_le
     holder.wait()
     r = run_sh(tmp_path, "prepare", DATA_PATH=data)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_an_own_small_file_with_nothing_else_set_gets_enough_epochs_named_in_the_banner_and_the_folder(tmp_path, smollm2_dir):
+    r = run_sh(tmp_path, "prepare", DATA_PATH=ROOT / "data" / "checks" / "own_qa.jsonl")
+    assert r.returncode == 0, r.stderr[-2000:]
+    preset = [l for l in r.stdout.splitlines() if l.startswith("[preset]")]
+    assert len(preset) == 1
+    assert "LoRA without 4-bit at lr 0.001 because 135M parameters" in preset[0]
+    assert "NUM_EPOCHS auto -> 14 because 24 rows + 38 replay at batch 8 make 8 steps an epoch" in preset[0]
+    assert (tmp_path / "final_model" / "SmolLM2-135M-Instruct" / "14" / "data" / "train.jsonl").is_file()
