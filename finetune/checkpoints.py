@@ -128,11 +128,11 @@ def check_compatible(saved: dict, now: dict) -> list[str]:
     return [f"{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
-def require_compatible(ckpt: Path, fingerprint: dict) -> None:
+def require_compatible(ckpt: Path, fingerprint: dict, start_over: str = "JOB=train OVERWRITE=1 ./run.sh") -> None:
     diff = check_compatible(read_manifest(ckpt).get("fingerprint", {}), fingerprint)
     if diff:
         raise ConfigError(f"cannot resume from {ckpt}: the run changed since it was saved:\n  - " + "\n  - ".join(diff)
-                          + "\n  restore those values, or start over with JOB=train OVERWRITE=1")
+                          + f"\n  restore those values, or start over: {start_over}")
 
 
 def fingerprint(cfg, p, paths) -> dict:

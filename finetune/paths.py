@@ -269,6 +269,11 @@ def followup(cfg: RunConfig, job: str, data: bool = False) -> str:
     return f"{_prefix(cfg)}{data_part}NUM_EPOCHS={cfg.epochs_label} JOB={job} ./run.sh"
 
 
+def start_over(cfg: RunConfig) -> str:
+    """A command that trains this run again from the start, as printed."""
+    return followup(cfg, "train", data=True).replace(" JOB=train", " OVERWRITE=1 JOB=train")
+
+
 def _prefix(cfg: RunConfig, explicit: frozenset = frozenset()) -> str:
     """The locating variables that differ from their defaults (or were set): the model and the output folders."""
     names = ("base_model_name", "base_save_path", "checkpoint_path")

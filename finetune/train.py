@@ -25,7 +25,7 @@ from finetune import checkpoints, mfu, model as model_lib, portable
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
 from finetune.errors import ConfigError, Interrupted, ResourceError
-from finetune.paths import RunPaths, atomic_dir, followup, require_disk
+from finetune.paths import RunPaths, atomic_dir, followup, require_disk, start_over
 from finetune.plan import TrainPlan, plan, resolve_replay_loss
 from finetune.trainer import SignalFlag, SpeedMeter, build_trainer
 
@@ -151,13 +151,13 @@ def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, l
     ckpt = checkpoints.newest_complete(paths.checkpoints, log)
     if ckpt is None:
         raise ConfigError(f"JOB=resume_training: no complete checkpoint in {paths.checkpoints} to resume from; "
-                          f"start over: {followup(cfg, 'train', data=True).replace(' JOB=train', ' OVERWRITE=1 JOB=train')}")
-    checkpoints.require_compatible(ckpt, checkpoints.fingerprint(cfg, p, paths))
+                          f"start over: {start_over(cfg)}")
+    checkpoints.require_compatible(ckpt, checkpoints.fingerprint(cfg, p, paths), start_over(cfg))
     saved_world = checkpoints.read_manifest(ckpt).get("world_size", 1)
     if saved_world != p.world_size:
         # Optimizer state and the data order are per process (sharded under DeepSpeed ZeRO): not portable.
         raise ConfigError(f"{ckpt} was written by {saved_world} process(es), this run has {p.world_size}: resume on "
-                          f"{saved_world} GPU(s) (NUM_GPUS={saved_world}), or start over with JOB=train OVERWRITE=1")
+                          f"{saved_world} GPU(s) (NUM_GPUS={saved_world}), or start over: {start_over(cfg)}")
     log(f"[resume] continuing from {ckpt} (step {checkpoints.read_manifest(ckpt)['step']})")
     return ckpt
 
