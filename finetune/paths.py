@@ -241,13 +241,13 @@ def find_run(cfg: RunConfig, explicit: frozenset, job: str) -> FoundRun:
         wanted.append(f"NUM_EPOCHS={cfg.epochs_label}")
     if "data_path" in explicit:
         runs = [r for r in runs if _same_path(r[1].get("data_path", ""), cfg.data_path)]
-        wanted.append(f"DATA_PATH={cfg.data_path}")
+        wanted.append(f"DATA_PATH={shlex.quote(cfg.data_path)}")
     if "use_qlora" in explicit:
         runs = [r for r in runs if bool(r[1].get("use_qlora")) == cfg.use_qlora]
         wanted.append(f"USE_QLORA={str(cfg.use_qlora).lower()}")
     where = Path(cfg.base_save_path) / cfg.model_slug
     if not runs:
-        train = " ".join(w for w in wanted if not w.startswith("NUM_EPOCHS")) + (" " if wanted else "")
+        train = "".join(f"{w} " for w in wanted if not w.startswith("NUM_EPOCHS"))
         raise ConfigError(f"JOB={job}: no trained run of {cfg.model_slug} in {where}" + (f" with {', '.join(wanted)}" if wanted else "")
                           + f"; train one first: {_prefix(cfg, explicit)}{train}./run.sh")
     runs.sort(key=lambda r: r[2])
