@@ -53,8 +53,8 @@ def main() -> None:
             for n, p in model.named_parameters():
                 if n in Bs:
                     p.copy_(Bs[n] * s)
-        preds, _ = ev.generate(model, tok, qs, cfg.eval_max_new_tokens, "cpu", f"questions s={s}")
-        probe_preds, _ = ev.generate(model, tok, pr, cfg.eval_max_new_tokens, "cpu", f"probes s={s}")
+        preds, _ = ev.generate(model, tok, qs, ev.token_budget(cfg, tok, qs), "cpu", f"questions s={s}")
+        probe_preds, _ = ev.generate(model, tok, pr, ev.token_budget(cfg, tok, pr), "cpu", f"probes s={s}")
         tuned_ok = [ev.contains_match(p, it["answers"]) for p, it in zip(probe_preds, pr)]
         learned = ev.score(qs, preds)
         ret = ev.retention(pr, base_ok, tuned_ok)

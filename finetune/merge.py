@@ -16,7 +16,7 @@ from finetune import portable
 from finetune.config import RunConfig
 from finetune.data.tokenize import prompt_text
 from finetune.errors import ConfigError, ParityError
-from finetune.paths import RunPaths, atomic_dir, require_disk
+from finetune.paths import RunPaths, atomic_dir, require_disk, followup
 
 
 @dataclass
@@ -26,7 +26,8 @@ class Parity:
     greedy_identical: int
     prompts: int
     stops_at_eos: bool
-    qlora_gap: float | None = None   # adapter on the 4-bit base vs merged
+    qlora_gap: float | None = None   # max |logit diff|, adapter on the 4-bit base (as trained) vs merged
+    qlora_gap_scale: float | None = None  # the largest |logit| of the adapter on the 4-bit base: the gap's yardstick
     fp8_gap: float | None = None     # BASE_PRECISION=fp8: adapter on the FP8 round trip of the base vs merged
 
     @property
@@ -40,7 +41,7 @@ def merge(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=p
     from transformers import AutoTokenizer
 
     if not (paths.adapters / "adapter_config.json").is_file():
-        raise ConfigError(f"no finished adapter in {paths.adapters}: train first (JOB=train or resume_training)")
+        raise ConfigError(f"no finished adapter in {paths.adapters}: finish training first: {followup(cfg, 'resume_training')}")
     _check_disk(base, paths.merged.parent)
     tok = AutoTokenizer.from_pretrained(paths.adapters)  # the tokenizer and chat template used in training
     # The merge and its parity gate run in float32 on every device: a bf16 merge adds one rounding of every merged
@@ -216,19 +217,30 @@ def _parity_gate(cfg, base: str, paths: RunPaths, tok, prompts, reference, ref_g
     base (`reference`, `ref_greedy`), else ParityError. For QLoRA the gap to what was trained is logged too."""
     parity = _gate(cfg, folder, tok, prompts, reference, ref_greedy, device, dtype)
     if cfg.use_qlora:
-        parity.qlora_gap = _qlora_gap(cfg, base, paths, tok, prompts, folder, device)
+        parity.qlora_gap, parity.qlora_gap_scale = _qlora_gap(cfg, base, paths, tok, prompts, folder, device)
     elif cfg.base_precision == "fp8":
         parity.fp8_gap = _fp8_gap(base, paths, tok, prompts, folder, device)
     (folder / "merge_parity.json").write_text(json.dumps(asdict(parity), indent=1) + "\n")
     log(f"[merge] parity: max |logit diff| {parity.max_abs_logit_diff:.2e} (tolerance {parity.tolerance:.1e}); "
         f"greedy identical {parity.greedy_identical}/{parity.prompts}; stops at EOS: {parity.stops_at_eos}"
-        + (f"; QLoRA gap (4-bit base vs merged) {parity.qlora_gap:.3f}" if parity.qlora_gap is not None else "")
-        + (f"; FP8 gap (FP8 base vs merged) {parity.fp8_gap:.3f}" if parity.fp8_gap is not None else ""))
+        + (f"\n{gap_line(cfg, parity)}" if parity.qlora_gap is not None else "")
+        + (f"; FP8 gap (FP8 base vs merged) {parity.fp8_gap:.3f} logits" if parity.fp8_gap is not None else ""))
     if not parity.ok:
         raise ParityError(f"merge rejected: max |logit diff| {parity.max_abs_logit_diff:.3e} vs tolerance "
                           f"{parity.tolerance:.1e}, greedy identical {parity.greedy_identical}/{parity.prompts}; "
                           f"the adapter in {paths.adapters} is not reproduced by the merged weights")
     return parity
+
+
+def gap_line(cfg, parity: Parity) -> str:
+    """The QLoRA gap with its unit and what it means: how far the merged model is from what was trained."""
+    where = ("the NF4 round trip of the base, exactly what was trained" if cfg.qlora_merge_base == "dequantized"
+             else "the unquantised base, which the adapter never saw; QLORA_MERGE_BASE=dequantized merges into the NF4 "
+                  "round trip instead")
+    share = f" ({parity.qlora_gap / parity.qlora_gap_scale:.0%} of the largest logit, {parity.qlora_gap_scale:.1f})" \
+        if parity.qlora_gap_scale else ""
+    return (f"[merge] QLoRA gap {parity.qlora_gap:.3f} logits{share}: the most any next-token logit of the merged model "
+            f"differs from the adapter on the 4-bit base it trained on; merged into {where}")
 
 
 def _gate(cfg, folder: Path, tok, prompts, reference, ref_greedy, device, dtype) -> Parity:
@@ -253,8 +265,9 @@ def _stops_at_eos(model, tok, prompts, device, n: int = 128) -> bool:
     return all(tok.eos_token_id in seq for seq in out)
 
 
-def _qlora_gap(cfg, base, paths, tok, prompts, merged_dir: Path, device) -> float | None:
-    """Max |logit diff| between the adapter on the 4-bit base (as trained) and the merged model."""
+def _qlora_gap(cfg, base, paths, tok, prompts, merged_dir: Path, device) -> tuple[float | None, float | None]:
+    """Max |logit diff| between the adapter on the 4-bit base (as trained) and the merged model, and the largest
+    |logit| of the former (the scale the gap is read against)."""
     try:
         import torch
         from peft import PeftModel
@@ -266,10 +279,10 @@ def _qlora_gap(cfg, base, paths, tok, prompts, merged_dir: Path, device) -> floa
         a = _logits(q, tok, prompts, device)
         m = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=model_lib.compute_dtype(device)).to(device).eval()
         b = _logits(m, tok, prompts, device)
-        return max(float((x - y).abs().max()) for x, y in zip(a, b))
+        return max(float((x - y).abs().max()) for x, y in zip(a, b)), max(float(x.abs().max()) for x in a)
     except Exception as e:  # informational only; the gate itself has already passed
         print(f"[merge] could not measure the QLoRA gap: {type(e).__name__}: {e}")
-        return None
+        return None, None
 
 
 def _fp8_gap(base, paths, tok, prompts, merged_dir: Path, device) -> float | None:

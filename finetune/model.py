@@ -122,6 +122,53 @@ class Backend:
         return float(torch.cuda.get_device_properties(0).total_memory)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    params: int                 # parameters of the base as built from its config
+    linear_names: tuple         # the names of its Linear modules (what TARGET_MODULES may list), output head excluded
+
+
+def inspect_base(base: str, cfg: RunConfig) -> ModelFacts:
+    """The base's structure from its config alone (built on the meta device: no weights read, a second or two),
+    and the checks that need it: config.json, the tokenizer files, TARGET_MODULES. ConfigError names the file."""
+    folder = Path(base)
+    config_file = folder / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise ConfigError(f"BASE_MODEL_NAME={cfg.base_model_name}: {config_file} is missing") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"BASE_MODEL_NAME={cfg.base_model_name}: {config_file} is not valid JSON ({e})") from None
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"BASE_MODEL_NAME={cfg.base_model_name}: no tokenizer in {folder} (expected one of "
+                          f"{', '.join(TOKENIZER_FILES)})")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        mc = AutoConfig.from_pretrained(base)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(mc)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"BASE_MODEL_NAME={cfg.base_model_name}: {config_file} does not describe a causal language "
+                          f"model transformers can build ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    params = sum(p.numel() for p in model.parameters())
+    head = model.get_output_embeddings()
+    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and m is not head})
+    if cfg.target_modules != "all-linear":
+        missing = [t for t in target_modules(cfg) if t.rsplit(".", 1)[-1] not in names]
+        if missing:
+            raise ConfigError(f"TARGET_MODULES={cfg.target_modules}: {', '.join(missing)} not in {cfg.model_slug}; its "
+                              f"Linear modules are {', '.join(names)} (or use all-linear)")
+    return ModelFacts(params, tuple(names))
+
+
 def model_shape(base: str) -> dict:
     """The base's shape as the planner's memory model reads it, from its config.json."""
     return shape_from_config(json.loads((Path(base) / "config.json").read_text()))

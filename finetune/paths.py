@@ -8,8 +8,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import fcntl
+import json
+import shlex
+
 from finetune.config import RunConfig
-from finetune.errors import ResourceError
+from finetune.errors import ConfigError, ResourceError
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,8 @@ def atomic_dir(final: Path):
     if tmp.exists():
         shutil.rmtree(tmp)
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        if not _alive(stale.name.rsplit("-", 1)[-1]):  # another live process's folder is not stale
+            shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
@@ -108,6 +113,18 @@ def atomic_dir(final: Path):
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -132,3 +149,141 @@ def require_disk(where: Path, need: float, what: str, hint: str = "") -> float:
         raise ResourceError(f"not enough disk at {probe} for {what}: about {need / 1e9:.2f} GB needed, "
                             f"{free / 1e9:.2f} GB free" + (f"; {hint}" if hint else ""))
     return free
+
+
+# ---- the output tree: writable, one run at a time, and the run a follow-up job means ---------------------------
+def check_writable(cfg: RunConfig) -> None:
+    """BASE_SAVE_PATH and CHECKPOINT_PATH must be folders we can write: made (they would be anyway) and probed with a
+    file, before anything runs. access() alone would pass root on a read-only filesystem."""
+    for name, value in (("BASE_SAVE_PATH", cfg.base_save_path), ("CHECKPOINT_PATH", cfg.checkpoint_path or "checkpoints")):
+        path = Path(value)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"{name}={value}: not a folder")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe = path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(f"{name}={value}: cannot write there ({e.strerror or type(e).__name__}"
+                              f"{': ' + str(e.filename) if e.filename else ''})") from None
+
+
+class OutputLock:
+    """One run at a time on an output tree (<BASE_SAVE_PATH>/<model>): an flock on a file there. The kernel drops
+    it when the process ends, however it ends (kill -9 too), so it can never be left stuck."""
+
+    def __init__(self, cfg: RunConfig, job: str):
+        self.path = Path(cfg.base_save_path) / cfg.model_slug / ".lock"
+        self.job = job
+        self._fh = None
+
+    def acquire(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another run"
+            fh.close()
+            raise ConfigError(f"{self.path.parent} is in use by {holder}: wait for it to finish, or set "
+                              "BASE_SAVE_PATH to another folder") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"JOB={self.job} (pid {os.getpid()}, started {_now()})\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _now() -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True)
+class FoundRun:
+    run_dir: Path
+    config: dict   # the run's recorded configuration (run.json), as resolved when it trained
+    note: str      # which run, and why this one
+
+
+def runs_of(cfg: RunConfig) -> list[tuple[Path, dict, str]]:
+    """The runs of BASE_MODEL_NAME under BASE_SAVE_PATH that trained: (run folder, recorded config, when it last
+    trained)."""
+    out = []
+    for record in sorted((Path(cfg.base_save_path) / cfg.model_slug).glob("*/run.json")):
+        try:
+            data = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        trained = [j.get("started") or "" for j in data.get("jobs", []) if j.get("job") in ("train", "resume_training")]
+        if trained:  # a run that only prepared data has nothing for a follow-up job
+            out.append((record.parent, data.get("config", {}), max(trained)))
+    return out
+
+
+def find_run(cfg: RunConfig, explicit: frozenset, job: str) -> FoundRun:
+    """The run a follow-up job (resume_training, merge, evaluate, export, chat, ...) works on, from the variables
+    that identify a run: BASE_MODEL_NAME and, when set, DATA_PATH, NUM_EPOCHS and USE_QLORA. The newest run that
+    matches; ConfigError with the list when runs on different data match, or none does."""
+    runs = runs_of(cfg)
+    wanted = []
+    if "num_epochs" in explicit:
+        runs = [r for r in runs if r[0].name == cfg.epochs_label]
+        wanted.append(f"NUM_EPOCHS={cfg.epochs_label}")
+    if "data_path" in explicit:
+        runs = [r for r in runs if _same_path(r[1].get("data_path", ""), cfg.data_path)]
+        wanted.append(f"DATA_PATH={shlex.quote(cfg.data_path)}")
+    if "use_qlora" in explicit:
+        runs = [r for r in runs if bool(r[1].get("use_qlora")) == cfg.use_qlora]
+        wanted.append(f"USE_QLORA={str(cfg.use_qlora).lower()}")
+    where = Path(cfg.base_save_path) / cfg.model_slug
+    if not runs:
+        train = "".join(f"{w} " for w in wanted if not w.startswith("NUM_EPOCHS"))
+        raise ConfigError(f"JOB={job}: no trained run of {cfg.model_slug} in {where}" + (f" with {', '.join(wanted)}" if wanted else "")
+                          + f"; train one first: {_prefix(cfg, explicit)}{train}./run.sh")
+    runs.sort(key=lambda r: r[2])
+    datas = {str(r[1].get("data_path", "")) for r in runs}
+    if len(datas) > 1:
+        listing = "; ".join(f"{r[0]} ({r[1].get('data_path', '?')}, trained {r[2]}): "
+                            f"{_prefix(cfg, explicit)}NUM_EPOCHS={r[0].name} JOB={job} ./run.sh" for r in runs)
+        raise ConfigError(f"JOB={job}: {len(runs)} runs of {cfg.model_slug} on different data match; pick one: {listing}")
+    newest = runs[-1]
+    others = f" (newest of {len(runs)}; NUM_EPOCHS=<folder> picks another)" if len(runs) > 1 else ""
+    return FoundRun(newest[0], newest[1], f"[run] JOB={job} on {newest[0]}: {newest[1].get('data_path', '?')}, "
+                    f"trained {newest[2]}{others}")
+
+
+def followup(cfg: RunConfig, job: str, data: bool = False) -> str:
+    """A command that runs `job` on this run as printed: the variables that locate it (and DATA_PATH for a job that
+    reads the data), then the job."""
+    data_part = f"DATA_PATH={shlex.quote(cfg.data_path)} " if data else ""
+    return f"{_prefix(cfg)}{data_part}NUM_EPOCHS={cfg.epochs_label} JOB={job} ./run.sh"
+
+
+def start_over(cfg: RunConfig) -> str:
+    """A command that trains this run again from the start, as printed."""
+    return followup(cfg, "train", data=True).replace(" JOB=train", " OVERWRITE=1 JOB=train")
+
+
+def _prefix(cfg: RunConfig, explicit: frozenset = frozenset()) -> str:
+    """The locating variables that differ from their defaults (or were set): the model and the output folders."""
+    names = ("base_model_name", "base_save_path", "checkpoint_path")
+    default = RunConfig()
+    return "".join(f"{n.upper()}={shlex.quote(str(getattr(cfg, n)))} " for n in names
+                   if n in explicit or getattr(cfg, n) != getattr(default, n))
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return a == b

@@ -7,16 +7,18 @@ Exit codes: 0 ok, 2 configuration, 3 data, 4 out of memory or disk, 75 interrupt
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from finetune import config as config_lib
 from finetune.config import SECRETS, RunConfig, describe
 from finetune.dist import Dist
-from finetune.errors import ConfigError, PipelineError, ResourceError
+from finetune.errors import ConfigError, DataError, PipelineError, ResourceError
 from finetune.jobs import JOBS
-from finetune.paths import RunPaths
+from finetune.paths import OutputLock, RunPaths, check_writable, find_run, followup
 from finetune.runlog import RunLog
 
 STAGES = {name: job.stages for name, job in JOBS.items() if job.runner == "pipeline"}
@@ -35,13 +37,24 @@ def main(only: tuple[str, ...] | None = None) -> int:
     for key, value in settings.library_env.items():  # .env's HF_TOKEN, WANDB_*, ...: where the libraries look
         os.environ.setdefault(key, value)
     dist = Dist.from_env(os.environ)  # set per process by the launcher, not settings of ours
-    _setup_tracking(cfg)
+    _quiet_libraries()
+    stages = only or STAGES[cfg.job]
+    lock = OutputLock(cfg, cfg.job)
+    try:  # the user's errors before anything heavy: output folders, the lock, the model, the run, the data's size
+        check_writable(cfg)
+        if dist.is_main and stages[0] not in USE:  # using a model only reads the run (chat, serve: for hours)
+            lock.acquire()
+        dist.init(cfg.dist_timeout_minutes)
+        cfg, base, backend, preset = _resolve(cfg, settings.explicit, stages, dist)
+    except PipelineError as e:
+        return _fail(e)
+    _setup_tracking(cfg, stages)
     if dist.is_main:
-        print(f"[config] JOB={cfg.job}\n{describe(cfg)}", flush=True)
+        print(f"[config] JOB={cfg.job}\n{describe(cfg)}\n{preset}", flush=True)
     paths = RunPaths.from_config(cfg)
     runlog = RunLog(cfg, paths, enabled=dist.is_main)
     try:
-        run(cfg, paths, runlog, only, dist)
+        run(cfg, paths, runlog, only, dist, base=base, backend=backend, explicit=settings.explicit)
     except PipelineError as e:
         runlog.finish(e.exit_code, str(e))
         return _fail(e)
@@ -51,18 +64,95 @@ def main(only: tuple[str, ...] | None = None) -> int:
             runlog.finish(4, str(err))
             return _fail(err)
         runlog.finish(1, repr(e))
-        traceback.print_exc()
-        return _fail(PipelineError(f"{type(e).__name__}: {e}"))
-    except Exception as e:  # noqa: BLE001 - last line of defence: one clear line, the trace above it
+        return _fail(PipelineError(f"{type(e).__name__}: {e} (trace below)"), trace=True)
+    except Exception as e:  # noqa: BLE001 - last line of defence: one clear line, the trace after it
         runlog.finish(1, repr(e))
-        traceback.print_exc()
-        return _fail(PipelineError(f"unexpected {type(e).__name__}: {e} (trace above)"))
+        return _fail(PipelineError(f"unexpected {type(e).__name__}: {e} (trace below)"), trace=True)
+    finally:
+        lock.release()
     runlog.finish(0, "ok")
     return 0
 
 
+def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist: Dist) -> tuple:
+    """The automatic values and the run folder, before any path is used: a follow-up job takes the run it finds
+    (finetune/paths.find_run); a training job resolves from the model's size and the data's rows
+    (finetune/defaults.py). Returns (config, local base folder, backend, the banner's [preset] line)."""
+    from finetune import defaults, model as model_lib
+
+    if "prepare" in stages and not Path(cfg.data_path).exists():
+        raise DataError(f"DATA_PATH={cfg.data_path}: no such file or folder")
+    if "generate" in stages and not Path(cfg.prompts_path).is_file():
+        raise ConfigError(f"PROMPTS_PATH={cfg.prompts_path}: no such file")
+    note = ""
+    if "prepare" not in stages:  # a follow-up job: the run's own resolved values, unless set now
+        found = find_run(cfg, explicit, cfg.job)
+        # Everything the run trained with, so a follow-up needs only the variables that locate it.
+        fields = {f.name for f in dataclasses.fields(RunConfig)} - {"job", "rapa_cache", "overwrite"}
+        keep = {k: v for k, v in found.config.items() if k in fields and k not in explicit}
+        if _is_number(found.run_dir.name):
+            keep["num_epochs"] = float(found.run_dir.name)
+        cfg = dataclasses.replace(cfg, **keep)
+        note = found.note
+    base = model_lib.resolve_base(cfg) if dist.is_main else None
+    dist.wait_for_main()  # the embedded model is converted once, by rank 0
+    base = base or model_lib.resolve_base(cfg)
+    # Unsloth (on a GPU) must be imported before transformers, which the structure check below imports.
+    backend = model_lib.choose_backend(cfg, dist.world_size) if stages[0] not in USE else None
+    facts = model_lib.inspect_base(base, cfg)
+    if note:
+        return cfg, base, backend, note
+    cfg, model_reason = defaults.resolve_model(cfg, explicit, facts.params)
+    counted = "prepare" in stages and "num_epochs" not in explicit and cfg.max_steps <= 0  # only where it decides
+    rows = _count_rows(cfg) if counted else 0
+    cfg, epochs_reason = defaults.resolve_epochs(cfg, explicit, rows, _replay_pool(cfg, base))
+    return cfg, base, backend, defaults.preset_line(model_reason, epochs_reason)
+
+
+def _count_rows(cfg: RunConfig) -> int:
+    """Rows in DATA_PATH as read (before the gate): cheap next to tokenising them."""
+    from finetune.data.readers import iter_raw_rows
+
+    return sum(1 for _ in iter_raw_rows(cfg.data_path))
+
+
+def _replay_pool(cfg: RunConfig, base: str) -> int:
+    """Replay rows available: the cached pool's size when it exists, else every prompt (an upper bound)."""
+    if cfg.replay_fraction <= 0:
+        return 0
+    from finetune.replay import pool_size
+
+    return pool_size(cfg, base)
+
+
+def _is_number(s: str) -> bool:
+    try:
+        return float(s) > 0
+    except ValueError:
+        return False
+
+
+def _quiet_libraries() -> None:
+    """Third-party notices that read like a broken install are switched off where they are made, once, at the edge:
+    bitsandbytes' "pip install kernels" (an optional CPU kernel; the plain path runs), DeepSpeed's "unable to detect"
+    accelerator warning (told the device here), wandb's offline chatter (WANDB_SILENT), and trl's padding-free
+    notice about flash attention (on a CPU our padding-free batches pass position ids, which SDPA honours; checked
+    by tests/test_packing.py). Our own lines are never filtered."""
+    import logging
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda_device() else "cpu")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("trl.trainer.sft_trainer").addFilter(
+        lambda record: "Padding-free training is enabled, but the attention" not in record.getMessage())
+
+
+def _has_cuda_device() -> bool:
+    return any(Path(p).exists() for p in ("/dev/nvidia0", "/dev/nvidiactl"))
+
+
 def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] | None = None,
-        dist: Dist = Dist()) -> None:
+        dist: Dist = Dist(), base: str | None = None, backend=None, explicit: frozenset = frozenset()) -> None:
     """The table of contents of a job. With several processes, rank 0 does everything but training alone."""
     from finetune import model as model_lib
 
@@ -72,12 +162,13 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
     if cfg.job == "resume_training" and _finished(paths):
         print(f"[resume] the run in {paths.run_dir} already finished (adapter, merged model and report exist): nothing to do")
         return
-    _preflight(cfg, paths, stages)
+    _preflight(cfg, paths, stages, explicit)
     dist.init(cfg.dist_timeout_minutes)
-    base = model_lib.resolve_base(cfg) if dist.is_main else None
-    dist.wait_for_main()  # the embedded model is converted once, by rank 0
-    base = base or model_lib.resolve_base(cfg)
-    backend = model_lib.choose_backend(cfg, dist.world_size)
+    if base is None:  # called from code without main's resolution
+        base = model_lib.resolve_base(cfg) if dist.is_main else None
+        dist.wait_for_main()  # the embedded model is converted once, by rank 0
+        base = base or model_lib.resolve_base(cfg)
+    backend = backend or model_lib.choose_backend(cfg, dist.world_size)
     if dist.is_main:
         print(f"[model] base {cfg.base_model_name} -> {base}; backend {backend.name} ({backend.why})", flush=True)
     if not dist.is_main:
@@ -107,7 +198,8 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
             replay_loss = resolve_replay_loss(cfg, backend.device)
             with model_lib.training_switches(backend, needs_logits=replay_loss == "kl" or cfg.preference):
                 adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
-                                 world_size=dist.world_size, is_main=dist.is_main)
+                                 world_size=dist.world_size, is_main=dist.is_main,
+                                 resume_command=followup(cfg, "resume_training"))
             record["replay_loss"] = replay_loss  # as the plan resolved it
             runlog.artefact("adapters", adapters)
     if not dist.is_main:
@@ -154,7 +246,7 @@ def _use(cfg: RunConfig, paths: RunPaths, runlog: RunLog, job: str) -> None:
             use.serve(cfg, paths)
 
 
-def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None:
+def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...], explicit: frozenset = frozenset()) -> None:
     """Cheap checks before anything heavy loads, so a wrong path fails in a second, not after model loading."""
     from pathlib import Path
 
@@ -165,17 +257,17 @@ def _preflight(cfg: RunConfig, paths: RunPaths, stages: tuple[str, ...]) -> None
     if cfg.job == "train" and "train" in stages and not cfg.overwrite:
         from finetune.checkpoints import refuse_to_clobber
 
-        refuse_to_clobber(paths.checkpoints)
+        refuse_to_clobber(paths.checkpoints, followup(cfg, "resume_training"))
 
 
 def _finished(paths: RunPaths) -> bool:
     return all(p.exists() for p in (paths.adapters / "adapter_config.json", paths.merged / "config.json", paths.report_json))
 
 
-def _setup_tracking(cfg: RunConfig) -> None:
+def _setup_tracking(cfg: RunConfig, stages: tuple[str, ...]) -> None:
     """The tracking libraries read their settings from the environment; set them here, at the edge, once."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if cfg.report_to == "wandb":
+    if cfg.report_to == "wandb" and "train" in stages:  # only training logs to wandb
         os.environ["WANDB_PROJECT"] = cfg.wandb_project
         if not os.environ.get("WANDB_API_KEY"):
             os.environ.setdefault("WANDB_MODE", "offline")
@@ -190,13 +282,16 @@ def _setup_tracking(cfg: RunConfig) -> None:
         os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def _fail(e: PipelineError) -> int:
+def _fail(e: PipelineError, trace: bool = False) -> int:
+    """The one line on stderr; for a bug in us (exit 1), the trace after it."""
     msg = str(e)
     for name in SECRETS:  # a secret must never reach the terminal, even inside an error message
         val = os.environ.get(name)
         if val:
             msg = msg.replace(val, f"<{name}>")
     print(f"error: {msg}", file=sys.stderr, flush=True)
+    if trace:
+        traceback.print_exc()
     return e.exit_code
 
 

@@ -19,11 +19,24 @@ from finetune.paths import RunPaths, atomic_write_text
 PROMPTS = Path(__file__).resolve().parent.parent / "data" / "retention" / "replay_prompts.json"
 
 
-def build_replay(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", max_new_tokens: int = 128,
-                 prompts_file: Path = PROMPTS) -> Path:
+def _cache_file(cfg: RunConfig, base: str, max_new_tokens: int = 128, prompts_file: Path = PROMPTS) -> tuple[Path, list]:
     prompts = json.loads(Path(prompts_file).read_text(encoding="utf-8"))
     key = hashlib.sha256((json.dumps(prompts) + model_lib.model_identity(base) + cfg.chat_template + str(max_new_tokens)).encode()).hexdigest()[:16]
-    cached = cfg.cache_dir / "replay" / f"{cfg.model_slug}-{key}.jsonl"
+    return cfg.cache_dir / "replay" / f"{cfg.model_slug}-{key}.jsonl", prompts
+
+
+def pool_size(cfg: RunConfig, base: str) -> int:
+    """Replay rows there are to draw from: the cached pool's rows, or every prompt before the pool is made."""
+    cached, prompts = _cache_file(cfg, base)
+    if cached.is_file():
+        with open(cached, encoding="utf-8") as fh:
+            return sum(1 for line in fh if line.strip())
+    return len(prompts)
+
+
+def build_replay(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", max_new_tokens: int = 128,
+                 prompts_file: Path = PROMPTS) -> Path:
+    cached, prompts = _cache_file(cfg, base, max_new_tokens, prompts_file)
     if not cached.is_file():
         from finetune.generation import generate
 

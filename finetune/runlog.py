@@ -18,9 +18,13 @@ class RunLog:
         self.path = paths.run_json
         self.enabled = enabled  # only rank 0 writes
         prev = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.data = {"config": cfg.public_dict(), "jobs": prev.get("jobs", []), "stages": prev.get("stages", {}),
-                     "artefacts": prev.get("artefacts", {})}
-        self.data["jobs"].append({"job": cfg.job, "started": _now(), "ended": None, "exit_code": None})
+        # "config" is what the run trained with (follow-up jobs take it from here: finetune/paths.find_run); a
+        # follow-up job's own settings go with its entry in "jobs".
+        trains = cfg.job in ("train", "resume_training", "prepare") or "config" not in prev
+        self.data = {"config": cfg.public_dict() if trains else prev["config"], "jobs": prev.get("jobs", []),
+                     "stages": prev.get("stages", {}), "artefacts": prev.get("artefacts", {})}
+        self.data["jobs"].append({"job": cfg.job, "started": _now(), "ended": None, "exit_code": None,
+                                  **({} if trains else {"config": cfg.public_dict()})})
 
     @contextlib.contextmanager
     def stage(self, name: str):

@@ -25,13 +25,14 @@ from finetune import checkpoints, mfu, model as model_lib, portable, preference
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
 from finetune.errors import ConfigError, Interrupted, PipelineError, ResourceError
-from finetune.paths import RunPaths, atomic_dir, require_disk
+from finetune.paths import RunPaths, atomic_dir, followup, require_disk, start_over
 from finetune.plan import TrainPlan, plan, resolve_replay_loss
 from finetune.trainer import SignalFlag, SpeedMeter, build_trainer
 
 
 def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Backend, resume: bool,
-          world_size: int = 1, is_main: bool = True, log=print, extra_callbacks: tuple | list = ()) -> Path:
+          world_size: int = 1, is_main: bool = True, log=print, extra_callbacks: tuple | list = (),
+          resume_command: str = "JOB=resume_training ./run.sh") -> Path:
     """Train and write the adapter to `paths.adapters`; return that folder.
 
     extra_callbacks: passed to trainer.build_trainer (instrumentation such as the tests' fault injection)."""
@@ -40,7 +41,8 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     # Rows first: a run without prepared data stops here, before anything heavy loads.
     train_rows, eval_rows = load_rows(paths, cfg)
     if not train_rows:
-        raise ConfigError(f"no prepared training data in {paths.train_file}: run JOB=prepare (or JOB=train) first")
+        raise ConfigError(f"no prepared training data in {paths.train_file}: prepare it first: "
+                          f"{followup(cfg, 'prepare', data=True)}")
     # The dataset before the plan: the plan sizes micro-batches from the tokenised lengths. Replay rows are flagged
     # for the kl loss, which REPLAY_LOSS=auto takes on some devices only (resolved as the plan resolves it).
     replay_loss = resolve_replay_loss(cfg, backend.device)
@@ -67,7 +69,7 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     log(speed.describe())
     build = preference.build_trainer if cfg.preference else build_trainer
     trainer = build(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks, speed=speed)
-    _run(trainer, resume_from, p, paths, log)
+    _run(trainer, resume_from, p, paths, log, resume_command)
     return _save_adapter(cfg, paths, trainer, tok, p, is_main)
 
 
@@ -86,7 +88,7 @@ def _load_model(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_
     return model
 
 
-def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log) -> None:
+def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log, resume_command: str) -> None:
     """trainer.train with SIGTERM/SIGINT turned into a checkpoint and Interrupted (exit 75), OOM into exit 4."""
     stop = SignalFlag()
     with stop.installed():
@@ -105,7 +107,7 @@ def _run(trainer, resume_from: Path | None, p: TrainPlan, paths: RunPaths, log) 
     if stopped:
         last = checkpoints.newest_complete(paths.checkpoints, log)
         raise Interrupted(f"stopped by {stop.received} at step {trainer.state.global_step}; saved {last}. "
-                          "Continue with JOB=resume_training ./run.sh")
+                          f"Continue with: {resume_command}")
 
 
 def speed_meter(cfg: RunConfig, backend: model_lib.Backend, model, lengths: list[int], world_size: int = 1) -> SpeedMeter:
@@ -173,13 +175,13 @@ def _resume_point(cfg: RunConfig, paths: RunPaths, resume: bool, p: TrainPlan, l
     ckpt = checkpoints.newest_complete(paths.checkpoints, log)
     if ckpt is None:
         raise ConfigError(f"JOB=resume_training: no complete checkpoint in {paths.checkpoints} to resume from; "
-                          "start with JOB=train")
-    checkpoints.require_compatible(ckpt, checkpoints.fingerprint(cfg, p, paths))
+                          f"start over: {start_over(cfg)}")
+    checkpoints.require_compatible(ckpt, checkpoints.fingerprint(cfg, p, paths), start_over(cfg))
     saved_world = checkpoints.read_manifest(ckpt).get("world_size", 1)
     if saved_world != p.world_size:
         # Optimizer state and the data order are per process (sharded under DeepSpeed ZeRO): not portable.
         raise ConfigError(f"{ckpt} was written by {saved_world} process(es), this run has {p.world_size}: resume on "
-                          f"{saved_world} GPU(s) (NUM_GPUS={saved_world}), or start over with JOB=train OVERWRITE=1")
+                          f"{saved_world} GPU(s) (NUM_GPUS={saved_world}), or start over: {start_over(cfg)}")
     log(f"[resume] continuing from {ckpt} (step {checkpoints.read_manifest(ckpt)['step']})")
     return ckpt
 

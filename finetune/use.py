@@ -23,7 +23,7 @@ from finetune import model as model_lib
 from finetune.config import RunConfig
 from finetune.errors import ConfigError, DataError, PipelineError
 from finetune.generation import Sampling, generate_batched, sampling
-from finetune.paths import RunPaths, atomic_write_text
+from finetune.paths import RunPaths, atomic_write_text, followup
 
 PROMPT_FIELDS = ("prompt", "question", "input", "instruction", "text")
 
@@ -240,7 +240,7 @@ def serve(cfg: RunConfig, paths: RunPaths, log=print) -> int:
     check_serve_available()
     if not (paths.merged / "config.json").is_file():
         raise ConfigError(f"JOB=serve serves the merged model and there is none in {paths.merged}: "
-                          "run JOB=merge first (or the whole training, ./run.sh)")
+                          f"merge first: {followup(cfg, 'merge')}")
     sample = sampling(cfg)
     with tempfile.TemporaryDirectory(prefix="rapa-serve-") as view:
         model_id = _serving_view(paths.merged, Path(view), sample)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune import config as config_lib
 from finetune.config import RunConfig, env_example
 from finetune.errors import ConfigError
 
@@ -12,10 +13,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_defaults_follow_seed_003():
     cfg = RunConfig()
-    assert (cfg.use_qlora, cfg.num_epochs, cfg.lora_rank, cfg.lora_alpha) == (True, 3, 16, 32)
+    # NUM_EPOCHS and USE_QLORA are resolved by finetune/defaults.py (tests/test_defaults.py): 3 epochs or more, 4-bit from 1B
+    assert (cfg.use_qlora, cfg.num_epochs, cfg.lora_rank, cfg.lora_alpha) == (True, 0, 16, 32)
     assert cfg.base_save_path == "final_model" and cfg.wandb_project == "RAPA" and cfg.job == "train"
-    assert cfg.lr == 1e-4
-    assert RunConfig(use_qlora=False).lr == 5e-6
+    assert cfg.lr == 2e-4  # unresolved (a config built in code): the rule's rate for a large model
 
 
 def test_environment_values_are_typed_and_the_environment_wins_over_dotenv(tmp_path):
@@ -157,17 +158,16 @@ def test_the_cache_folder_is_resolved_by_the_config(tmp_path):
     assert RunConfig.from_env({"HOME": str(tmp_path)}, None).rapa_cache  # resolved, never left empty
 
 
-def test_demo_preset_only_when_model_and_data_are_the_embedded_defaults():
-    demo = RunConfig.from_env({}, None)
-    assert demo.num_epochs == 9 and demo.learning_rate == 1e-3 and demo.batch_size == "auto"
-    assert demo.use_qlora is False and demo.replay_fraction == 1.6
-    user = RunConfig.from_env({"DATA_PATH": "my.json"}, None)
-    assert user.num_epochs == 3 and user.use_qlora is False and user.lr == 5e-6  # the bundled model: plain LoRA
-    own_model = RunConfig.from_env({"BASE_MODEL_NAME": "/models/llama", "DATA_PATH": "my.json"}, None)
-    assert own_model.use_qlora is True and own_model.lr == 1e-4  # seed 003's default for any other model
-    assert RunConfig.from_env({"USE_QLORA": "true"}, None).use_qlora is True
-    explicit = RunConfig.from_env({"NUM_EPOCHS": "7"}, None)
-    assert explicit.num_epochs == 7
+def test_no_preset_appears_or_vanishes_with_which_variables_are_set():
+    """The automatic values are left for finetune/defaults.py whatever else is set: the demo, own data, own model."""
+    for env in ({}, {"DATA_PATH": "my.json"}, {"BASE_MODEL_NAME": "/models/llama", "DATA_PATH": "my.json"}):
+        s = config_lib.load(env, None)
+        assert (s.config.num_epochs, s.config.learning_rate, s.config.eval_max_new_tokens) == (0, 0, 0)
+        assert s.config.replay_fraction == 1.6
+        assert not s.explicit & {"num_epochs", "learning_rate", "use_qlora", "eval_max_new_tokens"}
+    s = config_lib.load({"USE_QLORA": "true", "NUM_EPOCHS": "7", "LEARNING_RATE": "auto"}, None)
+    assert s.config.use_qlora is True and s.config.num_epochs == 7
+    assert s.explicit >= {"use_qlora", "num_epochs"} and "learning_rate" not in s.explicit
 
 
 def test_config_is_frozen():

@@ -1,14 +1,16 @@
 """Operations through run.sh on the tiny model: real SIGTERM and resume, the parity gate, secrets."""
 
 import json
+import re
 import signal
+import subprocess
 import time
 
 import pytest
 import torch
 
 from tests.conftest import qa_rows, write_jsonl
-from tests.e2e.helpers import read_jsonl, run_sh, start_run_sh
+from tests.e2e.helpers import ROOT, env_for, read_jsonl, run_sh, start_run_sh
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +45,11 @@ def test_sigterm_through_run_sh_saves_exits_75_and_resume_joins_the_uninterrupte
     stopped_at = read_jsonl(metrics)[-1]["step"]
     assert stopped_at < ref[-1]["step"]
 
-    r = run_sh(cut_tmp, "resume_training", **tiny_env(cut_tmp, tiny_llama_dir))
+    # the message's own command, run as printed: no DATA_PATH, no training settings (they come from the run)
+    command = re.search(r"Continue with: (.*)", out).group(1).strip()
+    assert "JOB=resume_training ./run.sh" in command and "DATA_PATH" not in command
+    r = subprocess.run(["bash", "-c", command], cwd=ROOT, env=env_for(cut_tmp), capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"checkpoint-{stopped_at}" in r.stdout
     got = [x for x in read_jsonl(metrics) if "loss" in x]

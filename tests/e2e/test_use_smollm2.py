@@ -84,7 +84,7 @@ def test_generate_without_a_run_or_prompts_says_what_to_do(trained, tmp_path):
     prompts.write_text("Hello?\n")
     # Each fails before it would touch a run; none runs in the shared one.
     for where, extra, says in ((tmp_path, {"PROMPTS_PATH": tmp_path / "missing.jsonl"}, "missing.jsonl: no such file"),
-                               (tmp_path, {"PROMPTS_PATH": prompts}, "no trained model"),
+                               (tmp_path, {"PROMPTS_PATH": prompts}, "no trained run of"),
                                (tmp_path, {}, "JOB=generate needs PROMPTS_PATH")):
         r = run_sh(where, "generate", **env, **extra)
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr[-1000:]
