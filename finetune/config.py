@@ -140,7 +140,8 @@ class RunConfig:
     qa_with_context: bool = _f(False, "put the paragraph (KorQuAD/SQuAD) or the context/passage column (qa) into the prompt")
     passage_rows: str = _f("auto", "QA rows that come with their passage (KorQuAD/SQuAD context): on also trains each distinct "
                            "passage once as a text row with loss (the facts in the passage's own words, not only as "
-                           "question -> answer pairs); auto = on (docs/QUALITY.md, issue 23)", ("auto", "on", "off"))
+                           "question -> answer pairs); auto = on (docs/QUALITY.md, issue 23), except on the bundled sample, whose "
+                           "demo numbers were measured without", ("auto", "on", "off"))
     train_on_inputs: bool = _f(False, "also compute the loss on prompt/user tokens")
     max_seq_length: int = _f(1024, "longest tokenised row")
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))

@@ -131,3 +131,11 @@ def test_every_paraphrase_asks_a_trained_fact_in_other_words(data, para):
         answer, context = trained[r["trained_question"]]
         assert r["output"] == answer and answer in context
         assert r["instruction"] != r["trained_question"] and r["instruction"] not in trained
+
+
+def test_the_demo_keeps_passage_rows_off_and_user_qa_data_gets_them(clean_env):
+    from finetune.data.passages import enabled
+
+    assert not enabled(RunConfig.from_env({}, env_file=None))  # the bundled sample
+    assert enabled(RunConfig.from_env({"DATA_PATH": "mine.json"}, env_file=None))
+    assert not enabled(RunConfig.from_env({"DATA_PATH": "mine.json", "PASSAGE_ROWS": "off"}, env_file=None))

@@ -22,7 +22,17 @@ AUTO = "on"
 
 
 def enabled(cfg: RunConfig) -> bool:
-    return (AUTO if cfg.passage_rows == "auto" else cfg.passage_rows) == "on"
+    if cfg.passage_rows == "auto":  # the bundled demo's numbers were measured without passage rows
+        return AUTO == "on" and not _is_bundled_sample(cfg.data_path)
+    return cfg.passage_rows == "on"
+
+
+def _is_bundled_sample(path: str) -> bool:
+    from pathlib import Path
+
+    from finetune.config import DEFAULT_DATA
+
+    return Path(path).resolve() == (Path(__file__).resolve().parents[2] / DEFAULT_DATA).resolve()
 
 
 def context_of(raw: Any) -> str:
