@@ -32,7 +32,10 @@ def _is_bundled_sample(path: str) -> bool:
 
     from finetune.config import DEFAULT_DATA
 
-    return Path(path).resolve() == (Path(__file__).resolve().parents[2] / DEFAULT_DATA).resolve()
+    import os
+
+    return os.path.normpath(path) == os.path.normpath(DEFAULT_DATA) or \
+        Path(path).resolve() == (Path(__file__).resolve().parents[2] / DEFAULT_DATA).resolve()
 
 
 def context_of(raw: Any) -> str:
