@@ -21,15 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_DIR = Path(os.environ.get("SWEEP_DIR", "/tmp/knowledge_sweep"))
 STAGE_RUNNER = """
-from finetune.config import RunConfig
-from finetune.paths import RunPaths
-from finetune.pipeline import run
-from finetune.runlog import RunLog
-cfg = RunConfig.from_env(env_file=None)
-paths = RunPaths.from_config(cfg)
-run(cfg, paths, RunLog(cfg, paths), only=("prepare", "replay", "train", "evaluate"))
+import sys
+from finetune.pipeline import main
+sys.exit(main(only=("prepare", "replay", "train", "evaluate")))  # main resolves the automatic values, as ./run.sh does
 """
-
 
 def data_paths(stem: str) -> tuple[str, str]:
     if stem == "sample":
