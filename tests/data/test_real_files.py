@@ -18,22 +18,7 @@ from finetune.paths import RunPaths
 from tests.conftest import qa_rows
 
 
-@pytest.fixture(scope="module")
-def tok(smollm2_dir):
-    from finetune.model import load_tokenizer
-
-    t, _ = load_tokenizer(str(smollm2_dir), RunConfig())
-    return t
-
-
-def run_prepare(tmp_path, tok, data, **kw):
-    cfg = RunConfig(data_path=str(data), base_save_path=str(tmp_path / "out"), **kw)
-    paths = RunPaths.from_config(cfg)
-    return prepare(cfg, paths, tok), paths
-
-
-def read(p):
-    return [json.loads(l) for l in open(p, encoding="utf-8")]
+from tests.data.test_formats import read, run_prepare, tok  # noqa: F401 - tok is a fixture
 
 
 def jsonl_text(rows) -> str:
