@@ -7,8 +7,9 @@ import pytest
 from tests.conftest import qa_rows, write_jsonl
 from tests.e2e.helpers import probe_file, run_sh
 
-# Short enough for CI, long enough to leave every artefact: 3 QLoRA steps, merged through the parity gate, evaluated.
-SMOLLM2_RUN = dict(USE_QLORA="true", MAX_STEPS=3, BATCH_SIZE=4, LEARNING_RATE=1e-3, SAVE_STEPS=2,
+# Short enough for CI, long enough to leave every artefact and to learn some of the 8 short answers: 12 QLoRA steps,
+# merged through the parity gate, evaluated.
+SMOLLM2_RUN = dict(USE_QLORA="true", MAX_STEPS=12, BATCH_SIZE=4, LEARNING_RATE=1e-3, SAVE_STEPS=2,
                    EVAL_MAX_NEW_TOKENS=12, REPLAY_FRACTION=0)
 
 

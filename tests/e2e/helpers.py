@@ -55,9 +55,9 @@ def transformers4_python() -> Path:
     import fcntl
     import sys
 
-    from finetune.embedded import cache_root
+    from finetune.config import default_cache_dir
 
-    venv = cache_root() / "venvs" / f"transformers-{TRANSFORMERS4}"
+    venv = default_cache_dir(os.environ) / "venvs" / f"transformers-{TRANSFORMERS4}"
     python = venv / "bin" / "python"
     if (venv / ".ready").is_file():
         return python
