@@ -106,8 +106,12 @@ def export(cfg: RunConfig, paths: RunPaths, log=print, device: str = "cpu") -> P
                                 ", ".join(f"{k} {v['tensors']}" for k, v in results.items()))
         check: dict | str = "off (EXPORT_CHECK_QUESTIONS=0)"
         if questions:
-            check = gguf_check.check(files, merged, questions, source, cfg.eval_max_new_tokens, tools, Path(scratch),
-                                     device, log)
+            from transformers import AutoTokenizer
+
+            from finetune.evaluate import token_budget
+
+            budget = token_budget(cfg, AutoTokenizer.from_pretrained(merged), questions)  # as JOB=evaluate answers
+            check = gguf_check.check(files, merged, questions, source, budget, tools, Path(scratch), device, log)
         verdicts = {f: r["verdict"] for f, r in check["files"].items()} if isinstance(check, dict) else {}
         target = _modelfile_target(files, verdicts)
         template = expect["chat_template"]

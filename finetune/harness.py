@@ -60,7 +60,12 @@ def run(cfg: RunConfig, paths: RunPaths, base: str, device: str = "cpu", log=pri
             qs = questions_from_eval(paths, cfg.eval_max_questions)
             if not qs:
                 raise ConfigError(f"LM_EVAL_TASKS={LOCAL_TASK}: no eval questions in {paths.eval_file} (run JOB=prepare)")
-            include.append(write_local_task(qs, work, cfg.eval_max_new_tokens).parent)
+            from transformers import AutoTokenizer
+
+            from finetune.evaluate import token_budget
+
+            tok = AutoTokenizer.from_pretrained(paths.merged if paths.merged.is_dir() else base)
+            include.append(write_local_task(qs, work, token_budget(cfg, tok, qs)).parent)
             tasks.append(LOCAL_TASK)
         elif name.endswith((".yaml", ".yml")):
             p = Path(name)

@@ -110,9 +110,13 @@ def test_config_preference_defaults_and_refusals(clean_env):
     cfg = RunConfig.from_env({"TRAINING_OBJECTIVE": "dpo"}, env_file=None)
     # the bundled pairs, held-out pairs, no replay, the LoRA preference learning rate, its own output folder
     assert cfg.data_path.endswith("preference_sample.jsonl") and cfg.eval_fraction > 0 and cfg.replay_fraction == 0
-    assert cfg.num_epochs == 3 and cfg.learning_rate == 0 and cfg.lr == PREFERENCE_LR  # not the SFT demo's 9 and 1e-3
+    from finetune.defaults import resolve_epochs, resolve_model
+
+    cfg, _ = resolve_model(cfg, frozenset(), 135_000_000)
+    cfg, _ = resolve_epochs(cfg, frozenset(), 82, 0)
+    assert cfg.num_epochs == 3 and cfg.lr == PREFERENCE_LR  # not the SFT demo's 9 and 1e-3
     assert RunPaths.from_config(cfg).run_dir.name == "dpo-3"
-    assert RunPaths.from_config(RunConfig()).run_dir.name == "3"
+    assert RunPaths.from_config(RunConfig(num_epochs=3)).run_dir.name == "3"  # SFT keeps the plain epoch label
     with pytest.raises(ConfigError) as e:
         RunConfig.from_env({"TRAINING_OBJECTIVE": "dpo", "REPLAY_FRACTION": "1", "PACKING": "1"}, env_file=None)
     assert "REPLAY_FRACTION=1" in str(e.value) and "PACKING=true" in str(e.value)

@@ -265,8 +265,11 @@ def test_merged_model_answers_identically_in_transformers_4_and_5(trained):
     assert (old["eos"], old["pad"]) == (new["eos"], new["pad"])
     assert old["ids"] == new["ids"]            # same tokenizer and chat template
     assert old["answers"] == new["answers"]
+    # float32 rounding of two library versions' kernels, relative to the logits' scale (a misread RoPE base moves
+    # them by whole units)
     worst = max(abs(a - b) for la, lb in zip(old["logits"], new["logits"]) for a, b in zip(la, lb))
-    assert worst < 1e-3, worst
+    scale = max(abs(a) for la in new["logits"] for a in la)
+    assert worst < 1e-4 * scale, (worst, scale)
 
 
 def test_adapter_names_its_base_by_its_hub_id_and_our_stages_still_find_the_local_one(trained):
