@@ -27,7 +27,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 WARMUP = 3
 PAIRS_PER_STEP = 4
-ARMS = {"unsloth": "unsloth", "hf": "hf"}
+# name -> (backend, extra settings). unsloth_kern: Unsloth's own LoRA kernels instead of fast_lora, to separate
+# a failure of our kernel router under DPO (adapter switched off for the reference pass) from one of Unsloth's patch.
+ARMS = {"unsloth": ("unsloth", {}), "hf": ("hf", {}), "unsloth_kern": ("unsloth", {"LORA_KERNELS": "unsloth"}),
+        "unsloth_noref": ("unsloth", {"LORA_KERNELS": "unsloth", "GRADIENT_CHECKPOINTING": "off"})}
 
 
 def write_pairs(tok, path: Path, n: int, seed: int = 42) -> None:
@@ -53,10 +56,11 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
     data = work / "pairs.jsonl"
     environ = {"BASE_MODEL_NAME": str(model_dir), "DATA_PATH": str(data), "TRAINING_OBJECTIVE": "dpo",
-               "BACKEND": ARMS[name], "USE_QLORA": "1", "BATCH_SIZE": str(PAIRS_PER_STEP), "GRAD_ACCUM": "1",
+               "BACKEND": ARMS[name][0], "USE_QLORA": "1", "BATCH_SIZE": str(PAIRS_PER_STEP), "GRAD_ACCUM": "1",
                "GRADIENT_CHECKPOINTING": "on", "MAX_SEQ_LENGTH": "1024", "EVAL_FRACTION": "0", "REPORT_TO": "none",
                "RETENTION_SET": "none", "SAVE_STEPS": "100000", "BASE_SAVE_PATH": str(work), "OVERWRITE": "1",
-               "CHECKPOINT_PATH": str(work / "ckpt"), "MAX_STEPS": str(steps), "WARMUP_RATIO": "0", "OPTIM": "adamw_8bit"}
+               "CHECKPOINT_PATH": str(work / "ckpt"), "MAX_STEPS": str(steps), "WARMUP_RATIO": "0", "OPTIM": "adamw_8bit",
+               **ARMS[name][1]}
     cfg = RunConfig.from_env(environ, env_file=None)
     backend = model_lib.choose_backend(cfg)  # imports unsloth first on that arm
     import torch
@@ -144,8 +148,9 @@ def main() -> None:
         summary[name] = {**(json.loads(js.read_text()) if js.is_file() else {}), "rc": rc}
         if rc != 0:
             summary[name]["log_tail"] = log.read_text(errors="replace")[-3000:]
-    if all("tokens_per_s" in summary.get(n, {}) for n in ("unsloth", "hf")):
-        summary["unsloth_over_hf"] = round(summary["unsloth"]["tokens_per_s"] / summary["hf"]["tokens_per_s"], 3)
+    for n in ARMS:
+        if n != "hf" and "tokens_per_s" in summary.get(n, {}) and "tokens_per_s" in summary.get("hf", {}):
+            summary[f"{n}_over_hf"] = round(summary[n]["tokens_per_s"] / summary["hf"]["tokens_per_s"], 3)
     (a.out / "dpo_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1), flush=True)
 

@@ -341,6 +341,10 @@ class RunConfig:
              f"{self.training_objective} keeps the model near its reference through its own loss: set REPLAY_FRACTION=0")
         need(not (self.init_adapter and not self.preference),
              f"INIT_ADAPTER={self.init_adapter}: only TRAINING_OBJECTIVE=dpo or orpo starts from an adapter")
+        # DPO's reference pass runs the base with the adapter switched off; the FP8 Functions need the adapter.
+        need(not (self.training_objective == "dpo" and self.base_precision == "fp8"),
+             "BASE_PRECISION=fp8: TRAINING_OBJECTIVE=dpo scores its reference with the adapter off, which the FP8 "
+             "kernels do not run; use BASE_PRECISION=auto (or nf4/bf16) for dpo, or TRAINING_OBJECTIVE=orpo")
         need(not (self.preference and self.packing), f"PACKING=true: TRAINING_OBJECTIVE={self.training_objective} "
              "trains on pairs, which are not packed")
         need(0 < self.preference_beta <= 10, f"PREFERENCE_BETA={self.preference_beta:g}: must be in (0, 10]")

@@ -238,9 +238,13 @@ def _plain_weight(W, W_quant) -> bool:
     return type(W_quant).__name__ == "QuantState"  # bitsandbytes 4-bit: what fast_dequantize expands
 
 
-def _eligible(X, weights, tail) -> bool:
-    """No dropout, no bias (tail: dropout_p then biases), plain or 4-bit bases, eager, contiguous X."""
+def _eligible(X, weights, tail, adapters=()) -> bool:
+    """No dropout, no bias (tail: dropout_p then biases), plain or 4-bit bases, eager, contiguous X, and an adapter:
+    with the adapter switched off (DPO's reference pass, peft's disable_adapter) Unsloth passes A = B = None and
+    its own Function computes the base alone."""
     if any(t is not None for t in tail) or torch.compiler.is_compiling():
+        return False
+    if any(t is None for t in adapters):
         return False
     if not (X.is_contiguous() and X.dtype in _FP_DTYPES):
         return False
@@ -286,11 +290,13 @@ def install() -> bool:
     _hooks["inplace_ok"] = lambda X: not getattr(norm, "_SAVE_OUTPUT", False) or fl._may_overwrite_input(X)
     fwd, bwd = fl.torch_amp_custom_fwd, fl.torch_amp_custom_bwd
     # Argument positions: (X, W, W_quant, A, B, S) per projection, then the optional dropout / biases.
-    _route(fl.LoRA_QKV, LoRAQKV, lambda a: _eligible(a[0], [(a[1], a[2]), (a[6], a[7]), (a[11], a[12])], a[17:]),
+    _route(fl.LoRA_QKV, LoRAQKV, lambda a: _eligible(a[0], [(a[1], a[2]), (a[6], a[7]), (a[11], a[12])], a[17:],
+                                                               (a[3], a[4], a[8], a[9], a[13], a[14])),
            fwd, bwd, fp8.FP8LoRAQKV)
-    _route(fl.LoRA_MLP, LoRAMLP, lambda a: _eligible(a[0], [(a[1], a[2]), (a[6], a[7]), (a[11], a[12])], a[19:]),
+    _route(fl.LoRA_MLP, LoRAMLP, lambda a: _eligible(a[0], [(a[1], a[2]), (a[6], a[7]), (a[11], a[12])], a[19:],
+                                                               (a[3], a[4], a[8], a[9], a[13], a[14])),
            fwd, bwd, fp8.FP8LoRAMLP)
-    _route(fl.LoRA_W, LoRAW, lambda a: _eligible(a[0], [(a[1], a[2])], a[6:]), fwd, bwd, fp8.FP8LoRAW)
+    _route(fl.LoRA_W, LoRAW, lambda a: _eligible(a[0], [(a[1], a[2])], a[6:], (a[3], a[4])), fwd, bwd, fp8.FP8LoRAW)
     return True
 
 

@@ -36,6 +36,14 @@ def test_every_problem_is_reported_at_once_naming_variable_and_value():
         assert part in msg
 
 
+def test_dpo_on_an_fp8_base_is_refused_orpo_is_not():
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_env({"TRAINING_OBJECTIVE": "dpo", "BASE_PRECISION": "fp8", "REPLAY_FRACTION": "0"}, None)
+    assert "BASE_PRECISION=fp8" in str(e.value) and "adapter off" in str(e.value)
+    assert RunConfig.from_env({"TRAINING_OBJECTIVE": "orpo", "BASE_PRECISION": "fp8", "REPLAY_FRACTION": "0"},
+                              None).base_precision == "fp8"
+
+
 def test_range_errors_after_types():
     with pytest.raises(ConfigError) as e:
         RunConfig.from_env({"LORA_RANK": "0", "LEARNING_RATE": "5", "EVAL_STEPS": "10"}, None)

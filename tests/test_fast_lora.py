@@ -94,6 +94,10 @@ def test_only_the_plain_case_is_routed():
     assert not fl._eligible(X.transpose(1, 2), [(W, None)], ())           # a non-contiguous input
     assert not fl._eligible(X, [(W.to(torch.int8), None)], ())            # a weight we do not expand
     assert not fl._eligible(X, [(W, object())], ())                       # a quant state that is not bnb 4-bit
+    A, B = torch.randn(2, 8), torch.randn(4, 2)
+    assert fl._eligible(X, [(W, None)], (), (A, B))
+    # the adapter switched off (DPO's reference pass): Unsloth sends A = B = None; its own Function takes it
+    assert not fl._eligible(X, [(W, None)], (), (None, None))
 
 
 def _swiglu_bwd_traced(DW, e, g):
