@@ -263,7 +263,9 @@ class SpeedMeter:
     def describe(self) -> str:
         peak = f"{self.peak_tflops:,.0f} TFLOP/s dense {'FP8' if self.precision == 'fp8' else 'bf16'} peak" \
             if self.peak_tflops else f"no peak known for {self.device}: MFU not reported"
-        return (f"[train] base weights {self.precision} ({self.why}); {self.flops_per_token / 1e9:.2f} GFLOP per token "
+        # On a CPU the unquantised base is held and multiplied in float32 (model.compute_dtype), not bf16.
+        held = "float32" if self.precision == "bf16" and self.device == "CPU" else self.precision
+        return (f"[train] base weights {held} ({self.why}); {self.flops_per_token / 1e9:.2f} GFLOP per token "
                 f"(4 x frozen + 6 x trainable + causal attention); {peak}; tokens/s and MFU go to metrics.jsonl")
 
     def mfu(self, tokens_per_s: float) -> float | None:

@@ -17,6 +17,7 @@ import pytest
 from finetune.config import RunConfig
 from finetune.errors import ConfigError, PipelineError, ResourceError
 from finetune.paths import RunPaths
+from tests.run_trees import merged_run_tree
 
 SLUG = "SmolLM2-135M-Instruct"
 ALL = "f16,q8_0,q5_k_m,q4_k_m"
@@ -25,19 +26,7 @@ QUESTIONS = [("What is the capital of France?", "Paris"), ("What is the capital 
 
 
 def run_tree(root: Path, model_dir: Path | None, formats: str = "f16,q8_0", check: int = 0) -> tuple[RunConfig, RunPaths]:
-    """`<root>/final_model/<model>/3/qlora_merged/` holding links to `model_dir` (or nothing), and an eval split."""
-    cfg = RunConfig(base_save_path=str(root / "final_model"), export_gguf=formats, num_epochs=3,
-                    export_check_questions=check)
-    paths = RunPaths.from_config(cfg)
-    if model_dir is not None:
-        paths.merged.mkdir(parents=True)
-        for f in model_dir.iterdir():
-            (paths.merged / f.name).symlink_to(f.resolve())
-    paths.eval_file.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for i, (q, a) in enumerate(QUESTIONS)]
-    paths.eval_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return cfg, paths
+    return merged_run_tree(root, model_dir, QUESTIONS, export_gguf=formats, export_check_questions=check)
 
 
 def safetensors_count(folder: Path) -> int:

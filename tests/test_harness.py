@@ -11,22 +11,14 @@ import pytest
 from finetune.config import RunConfig
 from finetune.errors import ConfigError
 from finetune.paths import RunPaths
+from tests.run_trees import merged_run_tree
 
 QUESTIONS = [("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
              ("What is the capital of Italy?", "Rome"), ("하늘바위 마을은 몇 년에 생겨났나요?", "1847년")]
 
 
 def run_tree(root: Path, model_dir: Path, tasks: str) -> tuple[RunConfig, RunPaths]:
-    cfg = RunConfig(base_save_path=str(root / "final_model"), num_epochs=3, lm_eval_tasks=tasks, eval_max_new_tokens=24)
-    paths = RunPaths.from_config(cfg)
-    paths.merged.mkdir(parents=True)
-    for f in model_dir.iterdir():
-        (paths.merged / f.name).symlink_to(f.resolve())
-    paths.eval_file.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"id": f"q{i}", "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
-            for i, (q, a) in enumerate(QUESTIONS)]
-    paths.eval_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return cfg, paths
+    return merged_run_tree(root, model_dir, QUESTIONS, lm_eval_tasks=tasks, eval_max_new_tokens=24)
 
 
 def test_local_harness_task_scores_like_our_evaluation(tmp_path, smollm2_dir):
