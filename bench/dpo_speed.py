@@ -29,8 +29,7 @@ WARMUP = 3
 PAIRS_PER_STEP = 4
 # name -> (backend, extra settings). unsloth_kern: Unsloth's own LoRA kernels instead of fast_lora, to separate
 # a failure of our kernel router under DPO (adapter switched off for the reference pass) from one of Unsloth's patch.
-ARMS = {"unsloth": ("unsloth", {}), "hf": ("hf", {}), "unsloth_kern": ("unsloth", {"LORA_KERNELS": "unsloth"}),
-        "unsloth_noref": ("unsloth", {"LORA_KERNELS": "unsloth", "GRADIENT_CHECKPOINTING": "off"})}
+ARMS = {"unsloth": ("unsloth", {}), "hf": ("hf", {}), "unsloth_kern": ("unsloth", {"LORA_KERNELS": "unsloth"})}
 
 
 def write_pairs(tok, path: Path, n: int, seed: int = 42) -> None:

@@ -359,7 +359,7 @@ def sft_args(out_dir: str, steps: int, micro: int, accum: int, **kw):
 def run_workloads(make_trainer, fixed_ds, var_ds, steps: int, var_steps: int, result: dict, dump,
                   var_repeats: int = 1) -> None:
     """Each workload on a fresh trainer over the loaded model; the variable one `var_repeats` times (issue 21: one
-    run of 16 steps swung 30 %), reported as the run with the median useful tokens/s, every run's figure beside it."""
+    run of 16 steps swung 30 %): every run kept ("var_runs", then the last as "var"), the median run as "var_median"."""
     import torch
 
     jobs = [("fixed", fixed_ds, steps)] + [("var", var_ds, var_steps)] * max(1, var_repeats)
@@ -588,14 +588,18 @@ def run_all(model_dir: Path, out: Path, arms: list[str], steps: int, var_steps: 
     print(table(summary))
 
 
+def _var(arm_result: dict) -> dict:
+    """The variable workload's figure of an arm: the median run where it ran several times."""
+    return arm_result.get("var_median") or arm_result.get("var", {})
+
+
 def table(summary: dict) -> str:
     arms = summary["arms"]
     base = arms.get("hf", {}).get("fixed", {}).get("tokens_per_s")
-    med = lambda a: a.get("var_median") or a.get("var", {})  # noqa: E731
-    base_v = med(arms.get("hf", {})).get("useful_tokens_per_s")
+    base_v = _var(arms.get("hf", {})).get("useful_tokens_per_s")
     raw = arms.get("unsloth_raw", {}).get("fixed", {}).get("tokens_per_s")
     tuned = arms.get("unsloth_tuned", {}).get("fixed", {}).get("tokens_per_s")
-    tuned_v = med(arms.get("unsloth_tuned", {})).get("useful_tokens_per_s")
+    tuned_v = _var(arms.get("unsloth_tuned", {})).get("useful_tokens_per_s")
     rows = [f"{'arm':<18} {'plan':<40} {'fixed tok/s':>11} {'xHF':>5} {'xUns':>5} {'xTun':>5} {'MFU':>5} {'peakA/R GiB':>12} "
             f"{'var useful/s':>12} {'xHF':>5} {'xTun':>5} {'peakA':>6}  first-3 losses (fixed)"]
     for name, r in arms.items():
@@ -608,7 +612,7 @@ def table(summary: dict) -> str:
         pv = r.get("plan_var")
         if pv and pv.get("micro_batch") != p.get("micro_batch"):
             plan += f" var:mb{pv['micro_batch']}x{pv['grad_accum']}"
-        f, v = r.get("fixed", {}), r.get("var_median") or r.get("var", {})
+        f, v = r.get("fixed", {}), _var(r)
         ft, vt = f.get("tokens_per_s"), v.get("useful_tokens_per_s")
         x = lambda a, b: f"{a / b:.2f}" if a and b else "-"
         mf = f"{f['mfu']:.1%}" if f.get("mfu") else "-"
