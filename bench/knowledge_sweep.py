@@ -21,7 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_DIR = Path(os.environ.get("SWEEP_DIR", "/tmp/knowledge_sweep"))
 STAGE_RUNNER = """
-import sys
+import os, sys
+sys.path.insert(0, "bench")
+import knowledge_levers
+print("[levers]", knowledge_levers.apply(os.environ), flush=True)
 from finetune.pipeline import main
 sys.exit(main(only=("prepare", "replay", "train", "evaluate")))  # main resolves the automatic values, as ./run.sh does
 """
@@ -67,14 +70,34 @@ def cell(spec: str) -> dict:
     return out
 
 
-def main(specs: list[str]) -> None:
+def main(specs: list[str], jobs: int = 1, deadline: float = 0) -> None:
+    """jobs > 1 runs that many cells at once (a GPU machine with many cores; on 2 cores they only slow each other);
+    deadline (seconds from the start, 0 = none): cells not started by then are skipped and reported so."""
+    from concurrent.futures import ThreadPoolExecutor
+
     SWEEP_DIR.mkdir(parents=True, exist_ok=True)
-    for spec in specs:
-        line = json.dumps(cell(spec), ensure_ascii=False)
+    t0 = time.time()
+
+    def one(spec: str) -> None:
+        if deadline and time.time() - t0 > deadline:
+            out = {"name": spec.partition(":")[0], "vars": spec.partition(":")[2], "skipped": "deadline"}
+        else:
+            out = cell(spec)
+        line = json.dumps(out, ensure_ascii=False)
         with open(SWEEP_DIR / "results.jsonl", "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
         print(line, flush=True)
 
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        list(pool.map(one, specs))
+
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("cells", nargs="+")
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--deadline", type=float, default=0)
+    a = ap.parse_args()
+    main(a.cells, a.jobs, a.deadline)

@@ -154,7 +154,7 @@ class RunConfig:
                                 "the pool's size; 0 = off (and the default for dpo/orpo)")
     replay_loss: str = _f("auto", "auto | sft | kl: train replay rows on the base's greedy answers (sft), or on the base "
                           "model's whole next-token distribution (kl: one extra no-grad forward per batch); auto = kl on "
-                          "a CPU, sft on a GPU (kl's full-vocabulary logits are not in the GPU memory plan yet)",
+                          "a CPU and for a model under 1B on a GPU, sft for larger models on a GPU and under fp8",
                           ("auto", "sft", "kl"))
     replay_weight: float = _f(1.0, "kl replay: weight of each replay token's KL against one user token's cross-entropy "
                               "(higher keeps the model closer to the base)")
@@ -345,6 +345,9 @@ class RunConfig:
         need(not (self.training_objective == "dpo" and self.base_precision == "fp8"),
              "BASE_PRECISION=fp8: TRAINING_OBJECTIVE=dpo scores its reference with the adapter off, which the FP8 "
              "kernels do not run; use BASE_PRECISION=auto (or nf4/bf16) for dpo, or TRAINING_OBJECTIVE=orpo")
+        need(not (self.replay_loss == "kl" and self.base_precision == "fp8" and self.replay_fraction > 0),
+             "BASE_PRECISION=fp8: REPLAY_LOSS=kl scores the replay rows against the base with the adapter off, which "
+             "the FP8 kernels do not run; use REPLAY_LOSS=sft (auto picks it under fp8), or BASE_PRECISION=auto")
         need(not (self.preference and self.packing), f"PACKING=true: TRAINING_OBJECTIVE={self.training_objective} "
              "trains on pairs, which are not packed")
         need(0 < self.preference_beta <= 10, f"PREFERENCE_BETA={self.preference_beta:g}: must be in (0, 10]")

@@ -195,7 +195,8 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
             from finetune.train import train
 
             tok, _ = model_lib.load_tokenizer(base, cfg)
-            replay_loss = resolve_replay_loss(cfg, backend.device)
+            replay_loss = resolve_replay_loss(cfg, backend.device,
+                                              model_lib.model_shape(base) if backend.device == "cuda" else None)
             with model_lib.training_switches(backend, needs_logits=replay_loss == "kl" or cfg.preference):
                 adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
                                  world_size=dist.world_size, is_main=dist.is_main,

@@ -50,6 +50,9 @@ GIB = 2**30
 RECOMPUTE = {"off": 0.0, "partial": 0.4, "on": 0.45, "offload": 0.4, "stream": 0.5}
 # stream: layers on the card at once (the running one and Unsloth's prefetch depth of 2).
 STREAM_SLOTS = 3
+# REPLAY_LOSS=kl, bytes per token x vocabulary entry on any backend: the tuned model's bf16 logits, their fp32
+# log-softmax and its gradient (2 + 4 + 4), the base's bf16 logits and fp32 softmax (2 + 4).
+KL_LOGIT_BYTES = 16.0
 RECOMPUTE_DROPOUT = 0.16
 # Host-bound floor of one micro-batch in tokens' worth of GPU work (H100, 8B, Unsloth, QLoRA: 0.3 s / 70 us).
 FIXED_TOKENS = {"qlora": 4300.0, "lora": 2500.0}
@@ -93,14 +96,23 @@ class TrainPlan:
         return self.micro_batch * self.grad_accum * self.world_size
 
 
-def resolve_replay_loss(cfg: RunConfig, device: str) -> str:
-    """REPLAY_LOSS=auto: the KL loss where it was measured (CPU, docs/QUALITY.md), plain SFT on a GPU."""
+def resolve_replay_loss(cfg: RunConfig, device: str, shape: dict | None = None) -> str:
+    """REPLAY_LOSS=auto: the KL loss wherever it was measured to keep more: on a CPU, and on a GPU for a model under
+    1B parameters (`shape`: the base's, shape_from_config). On the H200 the greedy-answer (sft) replay kept 46 % of
+    the probes SmolLM2-135M knew where kl kept 78-80 % (docs/QUALITY.md, issue 23). Larger models on a GPU keep sft:
+    kl's full logits (KL_LOGIT_BYTES) cost them memory and speed that nobody has weighed against its gain there. Never
+    under an FP8 base, whose kernels cannot run the base with the adapter off (the KL's reference pass)."""
     from finetune.config import replay_weight_problem
+    from finetune.defaults import SMALL_MODEL_PARAMS
 
     if cfg.replay_loss != "auto":
         return cfg.replay_loss  # an explicit value was checked with the rest of the config
-    loss = "kl" if device == "cpu" and cfg.replay_fraction > 0 else "sft"
-    problem = replay_weight_problem(cfg.replay_weight, loss, f"auto means {loss} on this {device.upper()}")
+    small = shape is not None and shape["layer_params"] + shape["embed_params"] < SMALL_MODEL_PARAMS
+    kl = cfg.replay_fraction > 0 and cfg.base_precision != "fp8" and (device == "cpu" or small)
+    loss = "kl" if kl else "sft"
+    why = ("BASE_PRECISION=fp8" if cfg.base_precision == "fp8" else "this CPU" if device == "cpu" else
+           "a model under 1B parameters" if small else "a GPU and a model of 1B parameters or more")
+    problem = replay_weight_problem(cfg.replay_weight, loss, f"auto means {loss} for {why}")
     if problem:
         raise ConfigError(problem)
     return loss
@@ -169,7 +181,7 @@ def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengt
     steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
     return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
-                     notes, keep, padding_free, optim, lora_kernels, resolve_replay_loss(cfg, backend.device))
+                     notes, keep, padding_free, optim, lora_kernels, resolve_replay_loss(cfg, backend.device, shape))
 
 
 def budget_bytes(cfg: RunConfig, gpu_memory: float) -> float:
@@ -213,6 +225,7 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: B
     peak_tokens, mean_tokens = token_counts(lengths, seq, padding_free)
     L = shape["layers"]
     lora_bytes = 12 if optimizer_for(cfg, budget) == "adamw_8bit" else 16
+    kl = resolve_replay_loss(cfg, backend.device, shape) == "kl" and cfg.replay_fraction > 0
     modes = backend.checkpoint_modes(grad_ckpt, cfg.offload_weights)
     best: tuple | None = None
     for micro in sorted({d for d in range(1, (max_micro or total) + 1) if total % d == 0}):
@@ -223,7 +236,7 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: B
                 keeps = [L if mode == "off" else 0]
             for keep in keeps:
                 need = estimate_bytes(shape, 1, peak_tokens(micro), mode, cfg.use_qlora, backend, keep, cfg.lora_rank,
-                                      cfg.lora_dropout, lora_bytes)
+                                      cfg.lora_dropout, lora_bytes, kl)
                 if need > budget:
                     continue
                 t = time_per_token(shape, mean_tokens(micro), mode, cfg.use_qlora, keep, cfg.lora_dropout)
@@ -235,7 +248,7 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: B
         return best[2]
     lean = modes[-1]
     need = estimate_bytes(shape, 1, peak_tokens(1), lean, cfg.use_qlora, backend, keep_fixed or 0, cfg.lora_rank,
-                          cfg.lora_dropout, lora_bytes)
+                          cfg.lora_dropout, lora_bytes, kl)
     return Choice(1, total, lean, 0, need, budget,
                   note=f"nothing fits the estimate ({need / GIB:.1f} GiB > {budget / GIB:.1f} GiB): trying the leanest")
 
@@ -284,8 +297,10 @@ def shape_from_config(c: dict) -> dict:
 
 
 def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, backend: Backend,
-                   keep: int = 0, lora_rank: int = 16, dropout: float = 0.0, lora_bytes: int = 12) -> float:
+                   keep: int = 0, lora_rank: int = 16, dropout: float = 0.0, lora_bytes: int = 12,
+                   kl: bool = False) -> float:
     """Peak bytes on the GPU: weights + LoRA states + saved activations + logits + workspace.
+    kl: the KL replay loss materialises the full logits on every backend (KL_LOGIT_BYTES).
 
     Checked against the H100 runs in docs/BENCHMARKS.md (Llama-3.1-8B QLoRA, Unsloth): estimate vs measured
     peak allocated 50.5 vs 49.1 GiB (8 x 2048 tokens, 23 layers kept), 12.2 vs 10.7 (2 kept), 7.7 vs 7.5
@@ -313,7 +328,7 @@ def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, ba
         acts = L * layer_input + recompute
     else:  # offload, stream: inputs in host memory, a couple in flight
         acts = 2 * layer_input + recompute
-    logits = tokens * vocab * backend.logit_bytes_per_token_vocab
+    logits = tokens * vocab * (KL_LOGIT_BYTES if kl else backend.logit_bytes_per_token_vocab)
     return weights + lora + acts + logits + 1.0 * GIB       # + workspace and allocator slack
 
 

@@ -45,7 +45,8 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
                           f"{followup(cfg, 'prepare', data=True)}")
     # The dataset before the plan: the plan sizes micro-batches from the tokenised lengths. Replay rows are flagged
     # for the kl loss, which REPLAY_LOSS=auto takes on some devices only (resolved as the plan resolves it).
-    replay_loss = resolve_replay_loss(cfg, backend.device)
+    shape = model_lib.model_shape(base) if backend.device == "cuda" else None
+    replay_loss = resolve_replay_loss(cfg, backend.device, shape)
     if cfg.preference:  # pairs for DPO/ORPO (finetune/preference.py); lengths count prompt + both answers
         train_ds, lengths = preference.to_dataset(train_rows, tok)
         eval_ds = preference.to_dataset(eval_rows, tok)[0] if eval_rows else None
@@ -55,7 +56,7 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
         lengths = [len(x) for x in train_ds["input_ids"]]
     # The plan: the model's shape and the card's memory are measured here, once; the planner touches neither.
     p = plan(cfg, backend, len(train_rows), world_size, lengths=lengths,
-             shape=model_lib.model_shape(base) if backend.device == "cuda" else None, gpu_memory=backend.gpu_memory())
+             shape=shape, gpu_memory=backend.gpu_memory())
     if cfg.preference:
         p = preference.adjust_plan(p, cfg)
     # The resume point after the plan: a checkpoint must match the plan's fingerprint and process count, and it

@@ -172,4 +172,22 @@ def test_the_plan_carries_the_resolved_replay_loss(tmp_path):
     cfg = gpu_cfg(tmp_path, replay_fraction=0.5, batch_size="4")
     assert cfg.replay_loss == "auto"
     assert make_plan(cfg, Backend("hf", "test", "cpu"), 8).replay_loss == "kl"
-    assert plan(cfg, GPU, 8, lengths=[512] * 8).replay_loss == "sft"
+    assert plan(cfg, GPU, 8, lengths=[512] * 8).replay_loss == "sft"            # 8B on a GPU
+    assert plan(cfg, GPU, 8, lengths=[512] * 8, shape=QWEN_05B).replay_loss == "kl"  # under 1B
+
+
+QWEN_05B = planner.shape_from_config(dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                                          num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                                          tie_word_embeddings=True))
+
+
+def test_the_kl_replay_loss_budgets_the_full_logits(tmp_path):
+    # A 0.5B model with a 152k vocabulary on a 12 GiB card: kl's logits (16 bytes a token and vocabulary entry)
+    # outweigh the model; the plan takes fewer rows per micro-batch than sft's fused loss needs, and still fits.
+    budget = 0.9 * 12 * planner.GIB
+    kl = planner.choose_micro_batch(gpu_cfg(tmp_path, max_gpu_memory=12), 8, 1, "auto", UNSLOTH, QWEN_05B, budget)
+    sft = planner.choose_micro_batch(gpu_cfg(tmp_path, max_gpu_memory=12, replay_loss="sft"), 8, 1, "auto", UNSLOTH,
+                                     QWEN_05B, budget)
+    assert kl.est_bytes <= budget and kl.micro_batch * kl.grad_accum == 8
+    assert kl.micro_batch < sft.micro_batch
+    assert kl.est_bytes > kl.micro_batch * 2048 * 151936 * planner.KL_LOGIT_BYTES

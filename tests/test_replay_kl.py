@@ -71,16 +71,39 @@ def test_a_drifted_adapter_pays_kl_on_replay_tokens_and_gets_a_gradient(tiny_lla
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
-def test_auto_takes_kl_on_a_cpu_and_sft_on_a_gpu(tmp_path):
-    from finetune.config import RunConfig
-    from finetune.plan import resolve_replay_loss
+SMOLLM2 = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+               intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True)
+LLAMA_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False)
 
+
+def test_auto_takes_kl_where_it_was_measured_to_keep_more(tmp_path):
+    from finetune.config import RunConfig
+    from finetune.plan import resolve_replay_loss, shape_from_config
+
+    small, large = shape_from_config(SMOLLM2), shape_from_config(LLAMA_8B)
     cfg = RunConfig(base_model_name=str(tmp_path), report_to="none")
     assert cfg.replay_loss == "auto"
     assert resolve_replay_loss(cfg, "cpu") == "kl"
-    assert resolve_replay_loss(cfg, "cuda") == "sft"
+    assert resolve_replay_loss(cfg, "cuda", small) == "kl"    # measured on the H200: 78-80 % kept against 46 %
+    assert resolve_replay_loss(cfg, "cuda", large) == "sft"   # not measured there; kl's logits cost memory
     assert resolve_replay_loss(RunConfig(base_model_name=str(tmp_path), report_to="none", replay_loss="kl"),
-                               "cuda") == "kl"
+                               "cuda", large) == "kl"
+    fp8 = RunConfig(base_model_name=str(tmp_path), report_to="none", base_precision="fp8")
+    assert resolve_replay_loss(fp8, "cuda", small) == "sft"   # the FP8 kernels cannot run the base adapter-off
+    no_replay = RunConfig(base_model_name=str(tmp_path), report_to="none", replay_fraction=0)
+    assert resolve_replay_loss(no_replay, "cpu") == "sft"
+
+
+def test_an_fp8_base_refuses_the_kl_replay_loss(tmp_path):
+    from finetune.config import RunConfig
+    from finetune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="BASE_PRECISION=fp8: REPLAY_LOSS=kl"):
+        RunConfig.from_env({"BASE_MODEL_NAME": str(tmp_path), "BASE_PRECISION": "fp8", "REPLAY_LOSS": "kl"},
+                           env_file=None)
+    RunConfig.from_env({"BASE_MODEL_NAME": str(tmp_path), "BASE_PRECISION": "fp8", "REPLAY_LOSS": "kl",
+                        "REPLAY_FRACTION": "0"}, env_file=None)  # no replay rows: nothing to score
 
 
 def test_replay_weight_scales_only_the_replay_part(tiny_llama_dir):
@@ -97,7 +120,9 @@ def test_replay_weight_is_refused_where_the_replay_loss_is_sft(tmp_path):
 
     with pytest.raises(ConfigError, match="REPLAY_WEIGHT=2.*REPLAY_LOSS=sft"):
         RunConfig.from_env({"BASE_MODEL_NAME": str(tmp_path), "REPLAY_WEIGHT": "2", "REPLAY_LOSS": "sft"}, env_file=None)
+    from finetune.plan import shape_from_config
+
     cfg = RunConfig(base_model_name=str(tmp_path), report_to="none", replay_weight=2.0)
     assert resolve_replay_loss(cfg, "cpu") == "kl"
     with pytest.raises(ConfigError, match="REPLAY_WEIGHT=2.*REPLAY_LOSS=kl"):
-        resolve_replay_loss(cfg, "cuda")
+        resolve_replay_loss(cfg, "cuda", shape_from_config(LLAMA_8B))
