@@ -78,6 +78,14 @@ ARMS = {
     "ours_packing": ("ours", {"PACKING": "true"}),
     "ours_fp8_var": ("ours", {"BASE_PRECISION": "fp8", "LEARNING_RATE": "1e-4"}),
     "unsloth_tuned_packing": ("unsloth_raw", {"_CKPT": "off", "_MICRO": "8", "_PACK": "1"}),
+    # Variable rows' host stalls (issue 21): the caching allocator with expandable segments (fewer cudaMalloc/Free
+    # as the token count changes step to step).
+    # MAX_GPU_MEMORY=24 with the model loaded by the variable rows' own plan (the "ours_24g" arm loads it by the
+    # fixed rows' plan and sizes the variable run inside that checkpointing: not what a run on such data gets).
+    "ours_24g_var": ("ours", {"MAX_GPU_MEMORY": "24", "_VARPLAN": "1"}),
+    "ours_expseg": ("ours", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    "unsloth_tuned_expseg": ("unsloth_raw", {"_CKPT": "off", "_MICRO": "8",
+                                             "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
 }
 DEFAULT_ARMS = "hf,unsloth_raw,unsloth_tuned,unsloth_tuned_bf16,ours,ours_bf16,ours_fp8"
 
@@ -220,8 +228,8 @@ class Meter:
         return out
 
 
-def profiler_callback(out: Path, arm_name: str, last: int):
-    """Profile the last optimizer step: kernel table by GPU time, GPU busy share of the wall."""
+def profiler_callback(out: Path, arm_name: str, last: int, span: int = 1):
+    """Profile the last `span` optimizer steps: kernel table by GPU time, GPU busy share of the wall."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from transformers import TrainerCallback
@@ -230,7 +238,7 @@ def profiler_callback(out: Path, arm_name: str, last: int):
         prof = None
 
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == last - 1:
+            if state.global_step == last - span:
                 torch.cuda.synchronize()
                 self.t0 = time.perf_counter()
                 self.deep = bool(os.environ.get("BENCH_PROFILE_STACK"))
@@ -239,7 +247,7 @@ def profiler_callback(out: Path, arm_name: str, last: int):
                 self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kw):
-            if self.prof is None:
+            if self.prof is None or state.global_step < last:
                 return
             torch.cuda.synchronize()
             wall = time.perf_counter() - self.t0
@@ -248,7 +256,8 @@ def profiler_callback(out: Path, arm_name: str, last: int):
             # kernels only: operator rows repeat their kernels' time
             busy = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
             out.mkdir(parents=True, exist_ok=True)
-            head = f"{arm_name}: step wall {wall:.3f}s, GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)\n"
+            head = (f"{arm_name}: {span} step(s), wall {wall:.3f}s, GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)"
+                    f"\n")
             (out / f"profile_{arm_name}.txt").write_text(
                 head + ka.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=70))
             if self.deep:  # where the copies and elementwise kernels come from
@@ -363,6 +372,8 @@ def run_workloads(make_trainer, fixed_ds, var_ds, steps: int, var_steps: int, re
     import torch
 
     jobs = [("fixed", fixed_ds, steps)] + [("var", var_ds, var_steps)] * max(1, var_repeats)
+    if os.environ.get("BENCH_PROFILE_VAR") and var_steps > 0:  # one more, untimed run: its last steps profiled
+        jobs.append(("var_prof", var_ds, min(var_steps, WARMUP + 2 + int(os.environ["BENCH_PROFILE_VAR"]))))
     for name, ds, n in jobs:
         if n <= 0:
             continue
@@ -378,6 +389,10 @@ def run_workloads(make_trainer, fixed_ds, var_ds, steps: int, var_steps: int, re
             profiled = name == "fixed" and os.environ.get("BENCH_PROFILE") and n > WARMUP + 2
             if profiled:
                 trainer.add_callback(profiler_callback(Path(os.environ["BENCH_PROFILE"]), result.get("arm", "arm"), n))
+            if name == "var_prof":  # BENCH_PROFILE_VAR=K: the last K steps of a variable run, with the GPU's gaps
+                k = int(os.environ["BENCH_PROFILE_VAR"])
+                trainer.add_callback(profiler_callback(Path(os.environ.get("BENCH_PROFILE", "/tmp")),
+                                                       result.get("arm", "arm") + "_var", n, span=k))
             trainer.train()
             if profiled:  # the profiled (last) step is slower: keep it out of the timing
                 for xs in (meter.times, meter.tokens, meter.useful):
@@ -403,6 +418,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
     result: dict = {"arm": name, "kind": kind, "env": env}
     dump = lambda: json_path.write_text(json.dumps(result, indent=1))
     t0 = time.time()
+    os.environ.update({k: v for k, v in env.items() if k.startswith("PYTORCH_")})  # before torch is imported
     work = f"/tmp/bench_{name}"
     if "_BLOCK_COMPILE" in env:  # read by Unsloth when it loads a model
         os.environ["UNSLOTH_BLOCK_COMPILE_LEGACY"] = env["_BLOCK_COMPILE"]
@@ -487,6 +503,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
                 plan_lib.budget_bytes(forced, memory), max_micro=None if cfg.batch_size == "auto" else int(cfg.batch_size),
                 lengths=var_lengths, padding_free=p_var.padding_free, keep_fixed=p.keep_layers)
             p_var = dataclasses.replace(p_var, micro_batch=c.micro_batch, grad_accum=c.grad_accum, keep_layers=c.keep_layers)
+        if env.get("_VARPLAN"):  # loaded as a run on the variable rows alone would load it (their own checkpointing)
+            p = p_var = plan_lib.plan(cfg, backend, len(var_ds), lengths=var_lengths, shape=shape, gpu_memory=memory)
         if env.get("_PADDING_FREE"):
             p = dataclasses.replace(p, padding_free=True, notes=[n for n in p.notes if "padded" not in n])
         show = lambda q: {"backend": backend.name, "why": backend.why, "micro_batch": q.micro_batch,
