@@ -191,12 +191,10 @@ def run(cfg: RunConfig, paths: RunPaths, runlog: RunLog, only: tuple[str, ...] |
     dist.wait_for_main()  # the other ranks read the prepared data rank 0 just wrote
     if "train" in stages:
         with runlog.stage("train") as record:
-            from finetune.plan import resolve_replay_loss
-            from finetune.train import train
+            from finetune.train import replay_loss_of, train
 
             tok, _ = model_lib.load_tokenizer(base, cfg)
-            replay_loss = resolve_replay_loss(cfg, backend.device,
-                                              model_lib.model_shape(base) if backend.device == "cuda" else None)
+            replay_loss = replay_loss_of(cfg, base, backend)
             with model_lib.training_switches(backend, needs_logits=replay_loss == "kl" or cfg.preference):
                 adapters = train(cfg, paths, base, tok, backend, resume=cfg.job == "resume_training",
                                  world_size=dist.world_size, is_main=dist.is_main,

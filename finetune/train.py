@@ -30,6 +30,17 @@ from finetune.plan import TrainPlan, plan, resolve_replay_loss
 from finetune.trainer import SignalFlag, SpeedMeter, build_trainer
 
 
+def replay_loss_of(cfg: RunConfig, base: str, backend: model_lib.Backend) -> str:
+    """REPLAY_LOSS as this run resolves it (the plan's rule; on a GPU it depends on the base's size). The pipeline
+    asks before the stage starts: the kl loss needs the library switch that returns logits."""
+    return resolve_replay_loss(cfg, backend.device, gpu_shape(base, backend))
+
+
+def gpu_shape(base: str, backend: model_lib.Backend) -> dict | None:
+    """The base's shape where the planner sizes for a GPU; None on a CPU (nothing to size)."""
+    return model_lib.model_shape(base) if backend.device == "cuda" else None
+
+
 def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Backend, resume: bool,
           world_size: int = 1, is_main: bool = True, log=print, extra_callbacks: tuple | list = (),
           resume_command: str = "JOB=resume_training ./run.sh") -> Path:
@@ -45,7 +56,7 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
                           f"{followup(cfg, 'prepare', data=True)}")
     # The dataset before the plan: the plan sizes micro-batches from the tokenised lengths. Replay rows are flagged
     # for the kl loss, which REPLAY_LOSS=auto takes on some devices only (resolved as the plan resolves it).
-    shape = model_lib.model_shape(base) if backend.device == "cuda" else None
+    shape = gpu_shape(base, backend)
     replay_loss = resolve_replay_loss(cfg, backend.device, shape)
     if cfg.preference:  # pairs for DPO/ORPO (finetune/preference.py); lengths count prompt + both answers
         train_ds, lengths = preference.to_dataset(train_rows, tok)
