@@ -64,6 +64,12 @@ FIXED_TOKENS = {"qlora": 4300.0, "lora": 2500.0}
 PACKED_OVERHEAD = 0.04
 
 
+# BASE_PRECISION=fp8 measured slower than the default QLoRA at this many tokens a micro-batch (H200, Llama-3.1-8B:
+# ~3,700 tokens a step, 0.86x tuned Unsloth where QLoRA ran 1.07x; full 16,384-token steps 1.38x the bf16 base;
+# docs/BENCHMARKS.md, issue 21): each GEMM's activation quantisation costs more than the faster GEMM saves. Between
+# 4k and 16k tokens nothing is measured, so the plan warns only where the loss was seen.
+FP8_SLOW_TOKENS = 4096
+
 # OPTIM=auto on a GPU: torch's fused AdamW (fp32 moments: ~0.25 GiB more than 8-bit for an 8B model's r=16 LoRA, and
 # one kernel instead of one per tensor) unless the budget is under this, where 8-bit moments keep the room for
 # activations (a 24 GiB card fits two 2048-token rows of an 8B model only with them).
@@ -176,12 +182,29 @@ def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengt
         if kernels:
             lora_kernels, why = kernels
             notes.append(f"LoRA kernels {lora_kernels} ({why})")
+        if cfg.base_precision == "fp8":
+            note = fp8_short_batch_note(cfg, micro, lengths)
+            if note:
+                notes.append(note)
     elif grad_ckpt == "auto":
         grad_ckpt = "off"  # CPU: memory is plentiful for the models that train there
     steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
     return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
                      notes, keep, padding_free, optim, lora_kernels, resolve_replay_loss(cfg, backend.device, shape))
+
+
+def fp8_short_batch_note(cfg: RunConfig, micro: int, lengths: list[int] | None) -> str | None:
+    """A warning where BASE_PRECISION=fp8 was measured slower than the default: micro-batches of few tokens."""
+    seq = cfg.max_seq_length
+    mean = seq if cfg.packing or not lengths else sum(min(n, seq) for n in lengths) / len(lengths)
+    tokens = micro * mean
+    if tokens > FP8_SLOW_TOKENS:
+        return None
+    return (f"BASE_PRECISION=fp8 with about {tokens:,.0f} tokens a micro-batch: FP8 was measured slower than the "
+            f"default 4-bit base at {FP8_SLOW_TOKENS:,} tokens or fewer (its activation quantisation outweighs the "
+            f"faster GEMMs; docs/BENCHMARKS.md, issue 21); PACKING=true fills micro-batches, or leave BASE_PRECISION "
+            f"at auto")
 
 
 def budget_bytes(cfg: RunConfig, gpu_memory: float) -> float:

@@ -191,3 +191,15 @@ def test_the_kl_replay_loss_budgets_the_full_logits(tmp_path):
     assert kl.est_bytes <= budget and kl.micro_batch * kl.grad_accum == 8
     assert kl.micro_batch < sft.micro_batch
     assert kl.est_bytes > kl.micro_batch * 2048 * 151936 * planner.KL_LOGIT_BYTES
+
+
+def test_fp8_on_short_micro_batches_is_warned_where_it_was_measured_slower(tmp_path):
+    # ~300-token rows, 8 a micro-batch: ~2,400 tokens, under the size where FP8 lost to the 4-bit default.
+    short = plan(gpu_cfg(tmp_path, base_precision="fp8", use_qlora=False), GPU, 64, lengths=[300] * 64)
+    assert any("BASE_PRECISION=fp8 with about 2,400 tokens a micro-batch" in n for n in short.notes)
+    # Full 2048-token rows, or the same short rows packed into full sequences: no warning.
+    for cfg, lengths in ((gpu_cfg(tmp_path, base_precision="fp8", use_qlora=False), [2048] * 64),
+                         (gpu_cfg(tmp_path, base_precision="fp8", use_qlora=False, packing=True), [300] * 64)):
+        assert not any("BASE_PRECISION=fp8" in n for n in plan(cfg, GPU, 64, lengths=lengths).notes)
+    # Not FP8: nothing to warn about.
+    assert not any("fp8" in n for n in plan(gpu_cfg(tmp_path), GPU, 64, lengths=[300] * 64).notes)
