@@ -78,11 +78,11 @@ ARMS = {
     "ours_packing": ("ours", {"PACKING": "true"}),
     "ours_fp8_var": ("ours", {"BASE_PRECISION": "fp8", "LEARNING_RATE": "1e-4"}),
     "unsloth_tuned_packing": ("unsloth_raw", {"_CKPT": "off", "_MICRO": "8", "_PACK": "1"}),
-    # Variable rows' host stalls (issue 21): the caching allocator with expandable segments (fewer cudaMalloc/Free
-    # as the token count changes step to step).
     # MAX_GPU_MEMORY=24 with the model loaded by the variable rows' own plan (the "ours_24g" arm loads it by the
     # fixed rows' plan and sizes the variable run inside that checkpointing: not what a run on such data gets).
     "ours_24g_var": ("ours", {"MAX_GPU_MEMORY": "24", "_VARPLAN": "1"}),
+    # Variable rows' host stalls (issue 21): the caching allocator with expandable segments (fewer cudaMalloc/Free
+    # as the token count changes step to step).
     "ours_expseg": ("ours", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
     "unsloth_tuned_expseg": ("unsloth_raw", {"_CKPT": "off", "_MICRO": "8",
                                              "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
@@ -256,8 +256,7 @@ def profiler_callback(out: Path, arm_name: str, last: int, span: int = 1):
             # kernels only: operator rows repeat their kernels' time
             busy = sum(e.self_device_time_total for e in ka if e.device_type == torch.autograd.DeviceType.CUDA) / 1e6
             out.mkdir(parents=True, exist_ok=True)
-            head = (f"{arm_name}: {span} step(s), wall {wall:.3f}s, GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)"
-                    f"\n")
+            head = f"{arm_name}: {span} step(s), wall {wall:.3f}s, GPU kernel time {busy:.3f}s ({busy / wall:.0%} busy)\n"
             (out / f"profile_{arm_name}.txt").write_text(
                 head + ka.table(sort_by="self_device_time_total", row_limit=60, max_name_column_width=70))
             if self.deep:  # where the copies and elementwise kernels come from
