@@ -197,8 +197,7 @@ def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengt
 def fp8_short_batch_note(cfg: RunConfig, micro: int, lengths: list[int] | None) -> str | None:
     """A warning where BASE_PRECISION=fp8 was measured slower than the default: micro-batches of few tokens."""
     seq = cfg.max_seq_length
-    mean = seq if cfg.packing or not lengths else sum(min(n, seq) for n in lengths) / len(lengths)
-    tokens = micro * mean
+    tokens = micro * (seq if cfg.packing or not lengths else mean_length(lengths, seq))
     if tokens > FP8_SLOW_TOKENS:
         return None
     return (f"BASE_PRECISION=fp8 with about {tokens:,.0f} tokens a micro-batch: FP8 was measured slower than the "
@@ -358,12 +357,17 @@ def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, ba
 def useful_token_times(cfg, shape: dict, lengths: list[int], c_pf: Choice, c_pad: Choice) -> tuple[float, float, float]:
     """(padding-free, padded) relative time per useful token of the two plans, and the padded plan's padding."""
     seq = cfg.max_seq_length
-    mean = sum(min(n, seq) for n in lengths) / max(len(lengths), 1)
+    mean = mean_length(lengths, seq)
     pad = expected_pad_fraction(lengths, c_pad.micro_batch, seq, cfg.seed)
     t = lambda c, tokens: time_per_token(shape, tokens, c.mode, cfg.use_qlora, c.keep_layers, cfg.lora_dropout)
     t_pf = t(c_pf, c_pf.micro_batch * mean) * (1 + PACKED_OVERHEAD)
     t_pad = t(c_pad, c_pad.micro_batch * mean / (1 - pad)) / (1 - pad)
     return t_pf, t_pad, pad
+
+
+def mean_length(lengths: list[int], seq: int) -> float:
+    """Mean tokens a row trains on: rows longer than MAX_SEQ_LENGTH are cut to it."""
+    return sum(min(n, seq) for n in lengths) / max(len(lengths), 1)
 
 
 def time_per_token(shape: dict, tokens: float, mode: str, qlora: bool, keep: int = 0, dropout: float = 0.0) -> float:
