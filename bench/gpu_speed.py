@@ -81,6 +81,9 @@ ARMS = {
     # MAX_GPU_MEMORY=24 with the model loaded by the variable rows' own plan (the "ours_24g" arm loads it by the
     # fixed rows' plan and sizes the variable run inside that checkpointing: not what a run on such data gets).
     "ours_24g_var": ("ours", {"MAX_GPU_MEMORY": "24", "_VARPLAN": "1"}),
+    # planned from the constants the arms before it measured on this card (finetune/calibrate.py)
+    "ours_measured": ("ours", {"_MEASURED": "1"}),
+    "ours_24g_var_measured": ("ours", {"MAX_GPU_MEMORY": "24", "_VARPLAN": "1", "_MEASURED": "1"}),
     # Variable rows' host stalls (issue 21): the caching allocator with expandable segments (fewer cudaMalloc/Free
     # as the token count changes step to step).
     "ours_expseg": ("ours", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
@@ -479,7 +482,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
     else:
         import dataclasses
 
-        from finetune import plan as plan_lib, train as train_lib
+        from finetune import calibrate, plan as plan_lib, train as train_lib
         from finetune.paths import RunPaths
         from finetune.trainer import build_trainer
 
@@ -489,21 +492,29 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
         train_lib.cap_gpu_memory(cfg)
         base = model_lib.resolve_base(cfg)
         shape, memory = model_lib.model_shape(base), backend.gpu_memory()
+        # Every ours arm records what it measures for the planner (finetune/calibrate.py), in the card's record of
+        # this machine's cache; _MEASURED=1 plans from what the arms before it recorded.
+        record = calibrate.record_path(cfg, backend, shape)
+        measured = calibrate.constants_from(calibrate.load(record), cfg.use_qlora) if env.get("_MEASURED") else None
+        if env.get("_MEASURED"):
+            result["measured_constants"] = plan_lib.describe_constants(measured) if measured else "none recorded"
         p = plan_lib.plan(cfg, backend, len(fixed_ds), lengths=[len(x) for x in fixed_ds["input_ids"]], shape=shape,
-                          gpu_memory=memory)
+                          gpu_memory=memory, measured=measured)
         # The variable-length workload is planned from its own lengths, with the loaded model's checkpointing.
         forced = dataclasses.replace(cfg, gradient_checkpointing="offload", offload_weights="on") \
             if p.grad_ckpt == "stream" else dataclasses.replace(cfg, gradient_checkpointing=p.grad_ckpt)
         var_lengths = [len(x) for x in var_ds["input_ids"]]
-        p_var = plan_lib.plan(forced, backend, len(var_ds), lengths=var_lengths, shape=shape, gpu_memory=memory)
+        p_var = plan_lib.plan(forced, backend, len(var_ds), lengths=var_lengths, shape=shape, gpu_memory=memory,
+                              measured=measured)
         if p.grad_ckpt == "partial":  # the loaded model keeps exactly p.keep_layers layers' activations
             c = plan_lib.choose_micro_batch(
                 forced, p_var.micro_batch * p_var.grad_accum, 1, "partial", backend, shape,
                 plan_lib.budget_bytes(forced, memory), max_micro=None if cfg.batch_size == "auto" else int(cfg.batch_size),
-                lengths=var_lengths, padding_free=p_var.padding_free, keep_fixed=p.keep_layers)
+                lengths=var_lengths, padding_free=p_var.padding_free, keep_fixed=p.keep_layers, k=measured)
             p_var = dataclasses.replace(p_var, micro_batch=c.micro_batch, grad_accum=c.grad_accum, keep_layers=c.keep_layers)
         if env.get("_VARPLAN"):  # loaded as a run on the variable rows alone would load it (their own checkpointing)
-            p = p_var = plan_lib.plan(cfg, backend, len(var_ds), lengths=var_lengths, shape=shape, gpu_memory=memory)
+            p = p_var = plan_lib.plan(cfg, backend, len(var_ds), lengths=var_lengths, shape=shape, gpu_memory=memory,
+                                      measured=measured)
         if env.get("_PADDING_FREE"):
             p = dataclasses.replace(p, padding_free=True, notes=[n for n in p.notes if "padded" not in n])
         show = lambda q: {"backend": backend.name, "why": backend.why, "micro_batch": q.micro_batch,
@@ -525,7 +536,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
         def make(ds, n):
             c = dataclasses.replace(cfg, max_steps=n)
             q = p_var if ds is var_ds else p
-            t = build_trainer(c, paths, model, tok, q, ds)
+            t = build_trainer(c, paths, model, tok, q, ds, record=record)
             if env.get("_NOGUARD"):  # without the per-micro-batch finiteness check (a host sync)
                 from trl import SFTTrainer
                 t.compute_loss = SFTTrainer.compute_loss.__get__(t)

@@ -70,6 +70,24 @@ PACKED_OVERHEAD = 0.04
 # 4k and 16k tokens nothing is measured, so the plan warns only where the loss was seen.
 FP8_SLOW_TOKENS = 4096
 
+
+
+@dataclass(frozen=True)
+class Constants:
+    """What the time and memory models take from the card: the host floor D (FIXED_TOKENS), the cost of a recomputed
+    layer (RECOMPUTE) and a factor on the memory estimate. The defaults were measured on one H100; a run on a GPU
+    measures its own card (finetune/calibrate.py) and the next plan on that card, backend and model uses those."""
+
+    fixed_tokens: float
+    recompute: dict = field(default_factory=lambda: dict(RECOMPUTE))
+    mem_scale: float = 1.0
+    source: str = ""   # "" for the defaults; else where and how often they were measured (printed in the notes)
+
+    @staticmethod
+    def default(qlora: bool) -> Constants:
+        return Constants(FIXED_TOKENS["qlora" if qlora else "lora"])
+
+
 # OPTIM=auto on a GPU: torch's fused AdamW (fp32 moments: ~0.25 GiB more than 8-bit for an 8B model's r=16 LoRA, and
 # one kernel instead of one per tensor) unless the budget is under this, where 8-bit moments keep the room for
 # activations (a 24 GiB card fits two 2048-token rows of an 8B model only with them).
@@ -96,6 +114,7 @@ class TrainPlan:
     optim: str = "adamw_torch"
     lora_kernels: str = "unsloth"  # Unsloth backend: fast (finetune/fast_lora.py, eager blocks) | unsloth
     replay_loss: str = "sft"    # REPLAY_LOSS resolved for this device (auto: kl on a CPU, sft on a GPU)
+    est_bytes: float = 0.0      # GPU: the memory model's peak for this plan (a run compares its measured peak)
 
     @property
     def effective_batch(self) -> int:
@@ -125,11 +144,12 @@ def resolve_replay_loss(cfg: RunConfig, device: str, shape: dict | None = None) 
 
 
 def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengths: list[int] | None = None,
-         shape: dict | None = None, gpu_memory: float | None = None) -> TrainPlan:
+         shape: dict | None = None, gpu_memory: float | None = None, measured: Constants | None = None) -> TrainPlan:
     """The plan for `rows` training rows.
 
     lengths: tokenised row lengths (the GPU choice sizes micro-batches from them when given).
     shape: shape_from_config of the base; gpu_memory: the card's bytes. Both needed on a GPU only.
+    measured: this card's constants from earlier runs (finetune/calibrate.py); None: the H100 defaults.
     """
     logical = 8 if cfg.batch_size == "auto" else int(cfg.batch_size)
     # The effective batch is BATCH_SIZE x GRAD_ACCUM whatever the number of processes, so a run moved from 1 to N
@@ -148,7 +168,7 @@ def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengt
     if cfg.offload_weights == "on" and not backend.streams_weights:
         raise ConfigError(f"OFFLOAD_WEIGHTS=on streams layers with Unsloth's block swap, but this run's backend is "
                           f"{backend.name} ({backend.why}): set OFFLOAD_WEIGHTS=auto, or run on a CUDA GPU with unsloth")
-    keep, notes = 0, []
+    keep, notes, est = 0, [], 0.0
     # Padding-free batches by default: no compute on pad tokens. Row boundaries are kept by position ids, which
     # transformers turns into a block-diagonal mask (tests/data/test_packing.py checks the per-row loss). On a GPU,
     # rows of one length train faster padded (nothing to pad, no boundaries to split attention at).
@@ -159,10 +179,11 @@ def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengt
         if shape is None or gpu_memory is None:
             raise ValueError("a GPU plan needs the model's shape and the card's memory")
         budget = budget_bytes(cfg, gpu_memory)
+        k = measured or Constants.default(cfg.use_qlora)
         # BATCH_SIZE=auto (or any value) on a GPU: the same effective batch, cut into micro-batches that fit.
         choose = lambda pf: choose_micro_batch(  # noqa: E731
             cfg, logical, accum, grad_ckpt, backend, shape, budget, max_micro=None if cfg.batch_size == "auto" else logical,
-            lengths=None if cfg.packing else lengths, padding_free=pf)
+            lengths=None if cfg.packing else lengths, padding_free=pf, k=k)
         c = choose(padding_free)
         if lengths and not cfg.packing:
             # Padded or padding-free, whichever is estimated faster per useful (non-pad) token. Padding-free never
@@ -170,7 +191,7 @@ def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengt
             # nothing, and on a small GPU the padded plan may fit more rows per micro-batch (its peak is micro x
             # the longest row, padding-free's the sum of the longest rows plus separators).
             c_pad = choose(False)
-            t_pf, t_pad, pad = useful_token_times(cfg, shape, lengths, c, c_pad)
+            t_pf, t_pad, pad = useful_token_times(cfg, shape, lengths, c, c_pad, k)
             if t_pad < t_pf:
                 padding_free, c = False, c_pad
                 notes.append(f"padded batches: estimated {t_pf / t_pad:.2f}x faster per useful token than padding-free "
@@ -178,6 +199,8 @@ def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengt
         micro, accum, grad_ckpt, keep = c.micro_batch, c.grad_accum, c.mode, c.keep_layers
         optim = optimizer_for(cfg, c.budget_bytes)
         notes.append(("auto: " if cfg.gradient_checkpointing == "auto" else "") + describe(c, shape["layers"]))
+        notes.append(describe_constants(k))
+        est = c.est_bytes / k.mem_scale  # the model's own estimate: a run's measured peak is compared with it
         kernels = backend.lora_kernels(cfg, shape)
         if kernels:
             lora_kernels, why = kernels
@@ -191,7 +214,7 @@ def plan(cfg: RunConfig, backend: Backend, rows: int, world_size: int = 1, lengt
     steps_per_epoch = max(1, math.ceil(rows / (micro * world_size)) // accum)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(steps_per_epoch * cfg.num_epochs)
     return TrainPlan(micro, accum, world_size, grad_ckpt, backend.name, backend.device, rows, steps_per_epoch, total,
-                     notes, keep, padding_free, optim, lora_kernels, resolve_replay_loss(cfg, backend.device, shape))
+                     notes, keep, padding_free, optim, lora_kernels, resolve_replay_loss(cfg, backend.device, shape), est)
 
 
 def fp8_short_batch_note(cfg: RunConfig, micro: int, lengths: list[int] | None) -> str | None:
@@ -235,13 +258,15 @@ class Choice:
 def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: Backend, shape: dict, budget: float,
                        max_micro: int | None = None,
                        lengths: list[int] | None = None, padding_free: bool = False,
-                       keep_fixed: int | None = None) -> Choice:
+                       keep_fixed: int | None = None, k: Constants | None = None) -> Choice:
     """The fastest (micro-batch, checkpointing) that fits; micro x accum == logical x GRAD_ACCUM always.
 
     max_micro: an explicit BATCH_SIZE is a ceiling (only split further when it does not fit); with
     BATCH_SIZE=auto accumulation steps may also be merged into one larger micro-batch.
     lengths: the tokenised rows' lengths, when known (else every row counts as MAX_SEQ_LENGTH).
-    keep_fixed: under a forced "partial", the number of kept layers of an already loaded model."""
+    keep_fixed: under a forced "partial", the number of kept layers of an already loaded model.
+    k: the card's constants (None: the H100 defaults)."""
+    k = k or Constants.default(cfg.use_qlora)
     total = logical * accum
     seq = cfg.max_seq_length
     peak_tokens, mean_tokens = token_counts(lengths, seq, padding_free)
@@ -257,11 +282,11 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: B
             else:
                 keeps = [L if mode == "off" else 0]
             for keep in keeps:
-                need = estimate_bytes(shape, 1, peak_tokens(micro), mode, cfg.use_qlora, backend, keep, cfg.lora_rank,
-                                      cfg.lora_dropout, lora_bytes, kl)
+                need = k.mem_scale * estimate_bytes(shape, 1, peak_tokens(micro), mode, cfg.use_qlora, backend, keep,
+                                                    cfg.lora_rank, cfg.lora_dropout, lora_bytes, kl)
                 if need > budget:
                     continue
-                t = time_per_token(shape, mean_tokens(micro), mode, cfg.use_qlora, keep, cfg.lora_dropout)
+                t = time_per_token(shape, mean_tokens(micro), mode, cfg.use_qlora, keep, cfg.lora_dropout, k)
                 cand = (t, -micro, Choice(micro, total // micro, mode, keep, need, budget))
                 if best is None or cand[:2] < best[:2]:
                     best = cand
@@ -269,8 +294,8 @@ def choose_micro_batch(cfg, logical: int, accum: int, grad_ckpt: str, backend: B
     if best is not None:
         return best[2]
     lean = modes[-1]
-    need = estimate_bytes(shape, 1, peak_tokens(1), lean, cfg.use_qlora, backend, keep_fixed or 0, cfg.lora_rank,
-                          cfg.lora_dropout, lora_bytes, kl)
+    need = k.mem_scale * estimate_bytes(shape, 1, peak_tokens(1), lean, cfg.use_qlora, backend, keep_fixed or 0,
+                                        cfg.lora_rank, cfg.lora_dropout, lora_bytes, kl)
     return Choice(1, total, lean, 0, need, budget,
                   note=f"nothing fits the estimate ({need / GIB:.1f} GiB > {budget / GIB:.1f} GiB): trying the leanest")
 
@@ -354,12 +379,13 @@ def estimate_bytes(shape: dict, micro: int, seq: int, mode: str, qlora: bool, ba
     return weights + lora + acts + logits + 1.0 * GIB       # + workspace and allocator slack
 
 
-def useful_token_times(cfg, shape: dict, lengths: list[int], c_pf: Choice, c_pad: Choice) -> tuple[float, float, float]:
+def useful_token_times(cfg, shape: dict, lengths: list[int], c_pf: Choice, c_pad: Choice,
+                       k: Constants | None = None) -> tuple[float, float, float]:
     """(padding-free, padded) relative time per useful token of the two plans, and the padded plan's padding."""
     seq = cfg.max_seq_length
     mean = mean_length(lengths, seq)
     pad = expected_pad_fraction(lengths, c_pad.micro_batch, seq, cfg.seed)
-    t = lambda c, tokens: time_per_token(shape, tokens, c.mode, cfg.use_qlora, c.keep_layers, cfg.lora_dropout)
+    t = lambda c, tokens: time_per_token(shape, tokens, c.mode, cfg.use_qlora, c.keep_layers, cfg.lora_dropout, k)
     t_pf = t(c_pf, c_pf.micro_batch * mean) * (1 + PACKED_OVERHEAD)
     t_pad = t(c_pad, c_pad.micro_batch * mean / (1 - pad)) / (1 - pad)
     return t_pf, t_pad, pad
@@ -370,12 +396,21 @@ def mean_length(lengths: list[int], seq: int) -> float:
     return sum(min(n, seq) for n in lengths) / max(len(lengths), 1)
 
 
-def time_per_token(shape: dict, tokens: float, mode: str, qlora: bool, keep: int = 0, dropout: float = 0.0) -> float:
+def time_per_token(shape: dict, tokens: float, mode: str, qlora: bool, keep: int = 0, dropout: float = 0.0,
+                   k: Constants | None = None) -> float:
     """Relative time per token of a micro-batch of `tokens` tokens."""
+    k = k or Constants.default(qlora)
     L = shape["layers"]
     recomputed = {"off": 0.0, "partial": (L - keep) / L, "on": 1.0, "offload": 1.0, "stream": 1.0}[mode]
-    cost = RECOMPUTE[mode] + (RECOMPUTE_DROPOUT if dropout > 0 and mode != "off" else 0.0)
-    return max(FIXED_TOKENS["qlora" if qlora else "lora"] / max(tokens, 1.0), 1.0) + cost * recomputed
+    cost = k.recompute.get(mode, RECOMPUTE[mode]) + (RECOMPUTE_DROPOUT if dropout > 0 and mode != "off" else 0.0)
+    return max(k.fixed_tokens / max(tokens, 1.0), 1.0) + cost * recomputed
+
+
+def describe_constants(k: Constants) -> str:
+    recompute = ", ".join(f"{m} +{v:.0%}" for m, v in k.recompute.items() if m != "off")
+    return (f"planner constants: host floor {k.fixed_tokens:,.0f} tokens a micro-batch, recomputed layer {recompute}, "
+            f"memory estimate x{k.mem_scale:.2f}; " + (k.source or "the H100 defaults (this card not measured yet: "
+                                                       "this run measures it for the next)"))
 
 
 def describe(c: Choice, layers: int) -> str:

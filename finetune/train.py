@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import set_seed
 
-from finetune import checkpoints, mfu, model as model_lib, portable, preference
+from finetune import calibrate, checkpoints, mfu, model as model_lib, portable, preference
 from finetune.config import RunConfig
 from finetune.data.tokenize import encode
 from finetune.errors import ConfigError, Interrupted, PipelineError, ResourceError
@@ -65,9 +65,12 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
         train_ds = to_dataset(train_rows, tok, cfg, replay_loss)
         eval_ds = to_dataset(eval_rows, tok, cfg, replay_loss) if eval_rows else None
         lengths = [len(x) for x in train_ds["input_ids"]]
-    # The plan: the model's shape and the card's memory are measured here, once; the planner touches neither.
+    # The plan: the model's shape and the card's memory are measured here, once; the planner touches neither. Its
+    # constants come from earlier runs on this card where there were any (finetune/calibrate.py).
+    record = calibrate.record_path(cfg, backend, shape, world_size)
+    measured = calibrate.constants_from(calibrate.load(record), cfg.use_qlora) if record else None
     p = plan(cfg, backend, len(train_rows), world_size, lengths=lengths,
-             shape=shape, gpu_memory=backend.gpu_memory())
+             shape=shape, gpu_memory=backend.gpu_memory(), measured=measured)
     if cfg.preference:
         p = preference.adjust_plan(p, cfg)
     # The resume point after the plan: a checkpoint must match the plan's fingerprint and process count, and it
@@ -79,8 +82,12 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     model = _load_model(cfg, paths, base, tok, backend, p, log, is_main)
     speed = speed_meter(cfg, backend, model, lengths, p.world_size)
     log(speed.describe())
-    build = preference.build_trainer if cfg.preference else build_trainer
-    trainer = build(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks, speed=speed)
+    if cfg.preference:  # pairs: tokens are counted otherwise, so these runs measure nothing for the planner
+        trainer = preference.build_trainer(cfg, paths, model, tok, p, train_ds, eval_ds, log=log,
+                                           extra_callbacks=extra_callbacks, speed=speed)
+    else:
+        trainer = build_trainer(cfg, paths, model, tok, p, train_ds, eval_ds, log=log, extra_callbacks=extra_callbacks,
+                                speed=speed, record=record if is_main else None)
     _run(trainer, resume_from, p, paths, log, resume_command)
     return _save_adapter(cfg, paths, trainer, tok, p, is_main)
 

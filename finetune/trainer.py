@@ -36,8 +36,12 @@ class NonFiniteLoss(PipelineError):
 
 
 def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, train_ds, eval_ds=None, *, log=print,
-                  extra_callbacks: tuple | list = (), speed: "SpeedMeter | None" = None) -> SFTTrainer:
+                  extra_callbacks: tuple | list = (), speed: "SpeedMeter | None" = None,
+                  record: Path | None = None) -> SFTTrainer:
     """The trainer for `model` (from model.load_for_training) as the plan `p` says.
+
+    record: on one GPU, the planner's record for this card (calibrate.record_path): the run measures its host floor
+    and peak memory into it for the next plan (finetune/calibrate.py).
 
     extra_callbacks: TrainerCallbacks added to ours (the plugin point for instrumentation: the tests' fault
     injection, tests/faults.py). They run after the trainer has written a checkpoint and before it is sealed, so
@@ -61,6 +65,10 @@ def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, tra
                                 no_sync=no_sync)
     if p.replay_loss == "kl":
         trainer.data_collator = ReplayMaskCollator(trainer.data_collator)
+    if record is not None and no_sync and p.device == "cuda":
+        from finetune import calibrate
+
+        trainer.add_callback(calibrate.recorder(record, p, trainer, log))
     return trainer
 
 
