@@ -102,8 +102,8 @@ class RunConfig:
                         "them, or a datasets.save_to_disk folder; relative to where you ran run.sh (in .env: to the repository)")
     base_save_path: str = _f("final_model", "root of the output tree <root>/<model>/<epochs>/")
     checkpoint_path: str = _f("", "checkpoint folder; default checkpoints/<model>/<epochs>/<qlora|lora>")
-    rapa_cache: str = _f("", "cache folder (the converted bundled model, base-model replay and eval answers, the planner's per-card constants); "
-                         "default $XDG_CACHE_HOME/rapa, else ~/.cache/rapa")
+    rapa_cache: str = _f("", "cache folder (the converted bundled model, base-model replay and eval answers, the "
+                         "planner's per-card constants); default $XDG_CACHE_HOME/rapa, else ~/.cache/rapa")
     overwrite: bool = _f(False, "JOB=train over existing checkpoints/outputs starts over instead of refusing")
     # --- objective (issue 20): preference training runs through the same stages and output tree
     training_objective: str = _f("sft", "sft | dpo | orpo: supervised answers, or preference pairs (prompt, chosen, "
