@@ -172,14 +172,15 @@ class Recorder(TrainerCallback):
 
         if not state.is_world_process_zero:
             return
-        run = measure(self.steps, torch.cuda.max_memory_allocated(), self.est_bytes, self.device, self.mode,
-                      self.recomputed_share)
-        if run is None:
-            return
+        # The record is a convenience for the next plan: nothing in it may fail a run whose training has finished.
         try:
+            run = measure(self.steps, torch.cuda.max_memory_allocated(), self.est_bytes, self.device, self.mode,
+                          self.recomputed_share)
+            if run is None:
+                return
             save(self.path, load(self.path), run)
-        except OSError as e:  # the cache is a convenience: a read-only one costs the next run its measurement only
-            self.log(f"[train] planner constants not recorded ({e})")
+        except Exception as e:  # noqa: BLE001 - a read-only cache costs the next run its measurement, nothing more
+            self.log(f"[train] planner constants not recorded ({type(e).__name__}: {e})")
             return
         floor = f"host floor {run['fixed_tokens']:,.0f} tokens over {run['fit_steps']} steps" \
             if run.get("fixed_tokens") else "no host floor (every step had about the same tokens)"

@@ -117,3 +117,27 @@ def test_only_a_gpu_run_has_a_record_and_keys_differ_by_process_count(tmp_path):
     assert calibrate.record_path(gpu_cfg(tmp_path), Backend("hf", "test", "cpu"), SHAPE) is None
     one = calibrate.key_of("NVIDIA H100 80GB HBM3", "unsloth", "fp8", "fast", SHAPE)
     assert calibrate.key_of("NVIDIA H100 80GB HBM3", "unsloth", "fp8", "fast", SHAPE, 2) == one + "_x2"
+
+
+def test_a_real_trainer_step_is_timed_with_the_tokens_it_trained(tmp_path, tiny_llama_dir):
+    """The Recorder on build_trainer's trainer (a CPU run of the tiny Llama): every step after the first is one
+    entry, and the entries' tokens are the tokens the trainer counted for those steps."""
+    from finetune import model as model_lib
+    from finetune.train import load_rows, to_dataset
+    from finetune.trainer import build_trainer
+    from tests.test_train import CPU, setup_run
+
+    cfg, paths, tok = setup_run(tmp_path, tiny_llama_dir, num_epochs=2, batch_size="2")
+    rows, _ = load_rows(paths, cfg)
+    ds = to_dataset(rows, tok, cfg, "sft")
+    p = planner.plan(cfg, CPU, len(rows), lengths=[len(x) for x in ds["input_ids"]])
+    trainer = build_trainer(cfg, paths, model_lib.load_for_training(cfg, str(tiny_llama_dir), tok, CPU, p), tok, p, ds)
+    per_step = []
+    rec = calibrate.Recorder(tmp_path / "cal" / "card.json", "cpu", p.grad_ckpt, 0.0, 0.0, p.grad_accum,
+                             lambda: per_step.append(trainer._total_train_tokens) or trainer._total_train_tokens)
+    trainer.add_callback(rec)
+    trainer.train()
+    assert len(rec.steps) == trainer.state.global_step - 1 > 8
+    assert [t for _, t, _ in rec.steps] == [b - a for a, b in zip(per_step, per_step[1:])]
+    assert sum(t for _, t, _ in rec.steps) == trainer._total_train_tokens - per_step[0]
+    assert all(s > 0 and m == p.grad_accum for s, _, m in rec.steps)
