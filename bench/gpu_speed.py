@@ -495,7 +495,10 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
         # Every ours arm records what it measures for the planner (finetune/calibrate.py), in the card's record of
         # this machine's cache; _MEASURED=1 plans from what the arms before it recorded.
         record = calibrate.record_path(cfg, backend, shape)
-        measured = calibrate.constants_from(calibrate.load(record), cfg.use_qlora) if env.get("_MEASURED") else None
+        if any(k in env for k in ("_DEQUANT", "_NOGUARD", "_BLOCK_COMPILE")) or any(k.startswith("PYTORCH_") for k in env) \
+                or os.environ.get("BENCH_PROFILE"):
+            record = None  # a path the product does not run (or a profiled one) must not teach the product's planner
+        measured = calibrate.constants_from(calibrate.load(record), cfg.use_qlora) if env.get("_MEASURED") and record else None
         if env.get("_MEASURED"):
             result["measured_constants"] = plan_lib.describe_constants(measured) if measured else "none recorded"
         p = plan_lib.plan(cfg, backend, len(fixed_ds), lengths=[len(x) for x in fixed_ds["input_ids"]], shape=shape,
@@ -511,7 +514,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
                 forced, p_var.micro_batch * p_var.grad_accum, 1, "partial", backend, shape,
                 plan_lib.budget_bytes(forced, memory), max_micro=None if cfg.batch_size == "auto" else int(cfg.batch_size),
                 lengths=var_lengths, padding_free=p_var.padding_free, keep_fixed=p.keep_layers, k=measured)
-            p_var = dataclasses.replace(p_var, micro_batch=c.micro_batch, grad_accum=c.grad_accum, keep_layers=c.keep_layers)
+            p_var = dataclasses.replace(p_var, micro_batch=c.micro_batch, grad_accum=c.grad_accum, keep_layers=c.keep_layers,
+                                        est_bytes=c.est_bytes / (measured.mem_scale if measured else 1.0))
         if env.get("_VARPLAN"):  # loaded as a run on the variable rows alone would load it (their own checkpointing)
             p = p_var = plan_lib.plan(cfg, backend, len(var_ds), lengths=var_lengths, shape=shape, gpu_memory=memory,
                                       measured=measured)

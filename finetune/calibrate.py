@@ -19,14 +19,21 @@ callbacks): the wall time and the tokens of each optimizer step, and the peak me
 
 The record lives in the cache (`<RAPA_CACHE>/calibration/<card>_<backend>_<precision>_<kernels>_<shape>.json`), one
 per card, backend, base precision, LoRA kernels and model shape, with the last runs' raw numbers; the planner takes
-the median host floor and the largest memory factor of those runs (clamped: it may plan up to 10 % tighter than the
-defaults, or any amount looser), and says in its notes where its constants came from. A run on rows of one length
-measures no host floor (every step has the same tokens) and keeps what earlier runs measured.
+the median host floor and the largest memory factor of those runs (never below 1: a run rarely meets the plan's
+worst micro-batch, so a low peak only makes the plan leaner, never tighter), and says in its notes where its
+constants came from. The fit is kept only where the micro-batches straddle the floor it finds (the planner's law is
+max(host, GPU) per micro-batch; a line describes it only there), and the recompute cost only from runs without
+LoRA dropout and with micro-batches of similar size. A run on rows of one length
+measures no host floor (every step has the same tokens) and keeps what earlier runs measured; nor does a run on
+padded batches (the trainer counts their non-pad tokens, not the padded ones the GPU computed). The padding-free
+overhead (plan.PACKED_OVERHEAD) stays the H100 constant for the same reason: it is defined on rows of one length,
+which give a fit no spread.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import statistics
@@ -44,8 +51,13 @@ WARMUP_STEPS = 3       # compilation and allocator growth: not the steady state
 MIN_STEPS = 8          # steady steps a fit needs
 MIN_SPREAD = 0.10      # the tokens a step trains must vary by this much (relative std) to separate c from g
 MAX_PAIRS_STEPS = 256  # Theil-Sen over the last this-many steps (pairs grow with the square)
-MEM_SCALE_RANGE = (0.9, 1.5)
+# A run rarely meets the plan's worst micro-batch (its longest rows together), so a peak under the estimate says
+# little: measured memory only ever makes the plan leaner, never tighter.
+MEM_SCALE_RANGE = (1.0, 1.5)
 FIXED_RANGE = (100.0, 50_000.0)
+RECOMPUTE_RANGE = (0.1, 1.5)
+MIN_SHARE = 0.25       # a partial run recomputing fewer of the layers says too little about a recomputed layer
+SIMILAR_TOKENS = 2.0   # runs compared for the recompute cost: mean micro-batch tokens within this factor
 
 
 def key_of(device: str, backend: str, precision: str, kernels: str, shape: dict, world_size: int = 1) -> str:
@@ -76,7 +88,14 @@ def fit_host_floor(steps: list[tuple[float, int, int]]) -> dict | None:
     micro = statistics.median(m for _, _, m in xs)
     if g <= 0 or c <= 0 or micro <= 0:
         return None
-    return {"fixed_tokens": c / (micro * g), "s_per_token": g, "host_s": c, "steps": len(xs)}
+    # The planner's law is max(host, GPU) per micro-batch; a line fits it only where the micro-batches straddle the
+    # floor. Micro-batches all above it leave c = the step's sync and optimizer only (a floor far too low); all below
+    # it leave g = noise. Either way nothing is learned about D.
+    floor, per_micro = c / (micro * g), [t / m for _, t, m in xs]
+    if not min(per_micro) <= floor <= max(per_micro):
+        return None
+    return {"fixed_tokens": floor, "s_per_token": g, "host_s": c, "steps": len(xs),
+            "micro_tokens": statistics.fmean(per_micro)}
 
 
 def constants_from(record: dict | None, qlora: bool) -> Constants | None:
@@ -85,15 +104,15 @@ def constants_from(record: dict | None, qlora: bool) -> Constants | None:
     if not runs:
         return None
     default = Constants.default(qlora)
-    floors = [r["fixed_tokens"] for r in runs if r.get("fixed_tokens")]
-    fixed = min(max(statistics.median(floors), FIXED_RANGE[0]), FIXED_RANGE[1]) if floors else default.fixed_tokens
-    scales = [r["mem_scale"] for r in runs if r.get("mem_scale")]
-    scale = min(max(max(scales), MEM_SCALE_RANGE[0]), MEM_SCALE_RANGE[1]) if scales else 1.0
+    floors = [x for x in (_num(r, "fixed_tokens") for r in runs) if x]
+    fixed = _clamp(statistics.median(floors), FIXED_RANGE) if floors else default.fixed_tokens
+    scales = [x for x in (_num(r, "mem_scale") for r in runs) if x]
+    scale = _clamp(max(scales), MEM_SCALE_RANGE) if scales else 1.0
     recompute = dict(default.recompute)
     g = _per_mode_g(runs)
     for mode in recompute:
         if mode != "off" and "off" in g and mode in g:
-            recompute[mode] = max(g[mode] / g["off"] - 1.0, 0.0)
+            recompute[mode] = _clamp(g[mode] / g["off"] - 1.0, RECOMPUTE_RANGE)
     measured = [w for w, ok in (("host floor", floors), ("memory", scales)) if ok] + \
         [f"recompute ({m})" for m in recompute if m != "off" and "off" in g and m in g]
     source = (f"measured on {record.get('device', 'this card')} by {len(runs)} earlier run(s) "
@@ -103,19 +122,38 @@ def constants_from(record: dict | None, qlora: bool) -> Constants | None:
 
 
 def _per_mode_g(runs: list[dict]) -> dict:
-    """GPU seconds per token of a kept layer's step, per checkpointing mode, normalised to 'all recomputed' for
-    partial runs: g_partial = g_off x (1 + r x share) is folded back to the mode's full-recompute equivalent."""
-    out: dict[str, list[float]] = {}
-    for r in runs:
-        mode, g = r.get("mode"), r.get("s_per_token")
-        if mode and g:
-            out.setdefault(mode, []).append(g)
-    med = {m: statistics.median(v) for m, v in out.items()}
-    partial = [r for r in runs if r.get("mode") == "partial" and r.get("s_per_token") and r.get("recomputed_share")]
-    if "off" in med and partial:
-        rs = [(r["s_per_token"] / med["off"] - 1.0) / r["recomputed_share"] for r in partial]
-        med["partial"] = med["off"] * (1.0 + statistics.median(rs))
+    """GPU seconds per token, per checkpointing mode, from runs that can be compared with the runs without
+    checkpointing: LoRA dropout 0 (the plan adds its mask replay on top), micro-batches of similar size (attention's
+    cost per token grows with the rows), and partial runs that recompute at least MIN_SHARE of the layers, folded
+    back to 'every layer recomputed' (g_partial = g_off x (1 + r x share))."""
+    ok = [r for r in runs if _num(r, "s_per_token") and _num(r, "micro_tokens") and not r.get("dropout")
+          and isinstance(r.get("mode"), str)]
+    off = [r for r in ok if r["mode"] == "off"]
+    if not off:
+        return {}
+    g_off, t_off = statistics.median(r["s_per_token"] for r in off), statistics.median(r["micro_tokens"] for r in off)
+    med = {"off": g_off}
+    similar = [r for r in ok if r["mode"] != "off" and 1 / SIMILAR_TOKENS <= r["micro_tokens"] / t_off <= SIMILAR_TOKENS]
+    for mode in {r["mode"] for r in similar}:
+        rs = [r for r in similar if r["mode"] == mode]
+        if mode == "partial":
+            rs = [(r["s_per_token"] / g_off - 1.0) / r["recomputed_share"] for r in rs
+                  if (_num(r, "recomputed_share") or 0) >= MIN_SHARE]
+            if rs:
+                med["partial"] = g_off * (1.0 + statistics.median(rs))
+        else:
+            med[mode] = statistics.median(r["s_per_token"] for r in rs)
     return med
+
+
+def _num(run, name: str) -> float | None:
+    """A positive number from a run entry, else None (a hand-edited or foreign record must not stop a run)."""
+    x = run.get(name) if isinstance(run, dict) else None
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 and math.isfinite(x) else None
+
+
+def _clamp(x: float, bounds: tuple[float, float]) -> float:
+    return min(max(x, bounds[0]), bounds[1])
 
 
 def load(path: Path) -> dict | None:
@@ -126,7 +164,7 @@ def load(path: Path) -> dict | None:
         return None
     if not isinstance(record, dict) or not isinstance(record.get("runs"), list):
         return None
-    return {**record, "path": str(path)}
+    return {**record, "runs": [r for r in record["runs"] if isinstance(r, dict)], "path": str(path)}
 
 
 def save(path: Path, record: dict, run: dict) -> dict:
@@ -157,9 +195,17 @@ class Recorder(TrainerCallback):
     est_bytes: float
     micro_batches: int                  # a step's micro-batches (the plan's gradient accumulation)
     tokens_seen: Callable[[], int]
+    padding_free: bool = True           # padded batches: tokens_seen counts non-pad tokens, not what ran (no fit)
+    dropout: float = 0.0                # LoRA dropout: its mask replay is in a recomputed layer's measured cost
     log: Callable = print
     steps: list = field(default_factory=list)
     _last: tuple | None = None          # (time, tokens seen) at the previous step end
+
+    def on_train_begin(self, args, state, control, **kw):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()  # the training peak, not the load's
 
     def on_step_end(self, args, state, control, **kw):
         now, seen = time.perf_counter(), int(self.tokens_seen())
@@ -174,8 +220,8 @@ class Recorder(TrainerCallback):
             return
         # The record is a convenience for the next plan: nothing in it may fail a run whose training has finished.
         try:
-            run = measure(self.steps, torch.cuda.max_memory_allocated(), self.est_bytes, self.device, self.mode,
-                          self.recomputed_share)
+            run = measure(self.steps if self.padding_free else [], torch.cuda.max_memory_allocated(),
+                          self.est_bytes, self.device, self.mode, self.recomputed_share, self.dropout)
             if run is None:
                 return
             save(self.path, load(self.path), run)
@@ -189,19 +235,21 @@ class Recorder(TrainerCallback):
 
 
 def measure(steps: list[tuple[float, int, int]], peak_bytes: float, est_bytes: float, device: str, mode: str,
-            recomputed_share: float) -> dict | None:
+            recomputed_share: float, dropout: float = 0.0) -> dict | None:
     """One run's entry in the record: the host-floor fit (where the steps allow it) and the peak against the
     plan's estimate; None when neither was measured."""
     fit = fit_host_floor(steps)
     scale = round(peak_bytes / est_bytes, 4) if est_bytes and peak_bytes else None
     if not fit and not scale:
         return None
-    run = {"device": device, "mode": mode, "recomputed_share": round(recomputed_share, 4), "steps": len(steps),
+    run = {"device": device, "mode": mode, "recomputed_share": round(recomputed_share, 4), "dropout": dropout,
+           "steps": len(steps),
            "peak_gib": round(peak_bytes / 2**30, 2), "mem_scale": scale, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
     if fit:
         run.update(fixed_tokens=round(fit["fixed_tokens"], 1), s_per_token=fit["s_per_token"],
-                   host_s=round(fit["host_s"], 5), fit_steps=fit["steps"])
+                   host_s=round(fit["host_s"], 5), fit_steps=fit["steps"], micro_tokens=round(fit["micro_tokens"], 1))
     return run
+
 
 def record_path(cfg, backend, shape: dict | None, world_size: int = 1) -> Path | None:
     """Where this run's card, backend, precision, kernels and model keep their record; None off a GPU."""
@@ -218,7 +266,7 @@ def record_path(cfg, backend, shape: dict | None, world_size: int = 1) -> Path |
     return path_for(cfg.cache_dir, key)
 
 
-def recorder(path: Path, p, trainer, log=print) -> Recorder:
+def recorder(path: Path, p, trainer, dropout: float = 0.0, log=print) -> Recorder:
     """The Recorder for a single-process GPU run of plan `p` by `trainer` (a trainer.GuardedSFTTrainer)."""
     import torch
 
@@ -227,4 +275,4 @@ def recorder(path: Path, p, trainer, log=print) -> Recorder:
         layers = trainer.model.config.get_text_config().num_hidden_layers
         share = (layers - p.keep_layers) / max(layers, 1)
     return Recorder(path, torch.cuda.get_device_name(0), p.grad_ckpt, share, p.est_bytes, p.grad_accum,
-                    lambda: trainer._total_train_tokens, log)
+                    lambda: trainer._total_train_tokens, p.padding_free, dropout, log)

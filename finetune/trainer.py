@@ -68,7 +68,7 @@ def build_trainer(cfg: RunConfig, paths: RunPaths, model, tok, p: TrainPlan, tra
     if record is not None and no_sync and p.device == "cuda":
         from finetune import calibrate
 
-        trainer.add_callback(calibrate.recorder(record, p, trainer, log))
+        trainer.add_callback(calibrate.recorder(record, p, trainer, cfg.lora_dropout, log))
     return trainer
 
 

@@ -34,9 +34,18 @@ def test_the_fit_recovers_the_host_floor_through_warm_up_outliers():
 
 
 def test_the_host_floor_is_per_micro_batch():
-    tokens = [random.Random(i).randint(2000, 9000) for i in range(40)]
+    tokens = [random.Random(i).randint(8000, 30000) for i in range(40)]  # 2,000-7,500 a micro-batch of 4
     fit = calibrate.fit_host_floor(steps_from_law(0.2, 50e-6, 4, tokens, noise=0.0))
     assert fit["fixed_tokens"] == pytest.approx(0.2 / 50e-6, rel=0.01)
+
+
+def test_micro_batches_that_never_meet_the_floor_measure_none():
+    """The planner's law is max(host, GPU) per micro-batch: micro-batches all far above the floor keep the GPU busy,
+    the host's time hides behind it, and a line through the steps would report a floor near zero."""
+    rng = random.Random(3)
+    tokens = [rng.randint(20000, 60000) for _ in range(40)]
+    steps = [(max(0.3, 70e-6 * t) + 0.01, t, 1) for t in tokens]  # + the step's sync and optimizer
+    assert calibrate.fit_host_floor(steps) is None
 
 
 def test_rows_of_one_length_or_too_few_steps_measure_no_floor():
@@ -59,20 +68,27 @@ def test_a_record_keeps_the_last_runs_and_a_broken_one_is_ignored(tmp_path):
 
 
 def test_constants_take_the_median_floor_the_largest_memory_factor_and_a_measured_recompute():
-    off = {"mode": "off", "s_per_token": 60e-6, "fixed_tokens": 3000.0, "mem_scale": 0.95}
+    off = {"mode": "off", "s_per_token": 60e-6, "micro_tokens": 4000.0, "fixed_tokens": 3000.0, "mem_scale": 1.05}
     record = {"device": "NVIDIA H200", "updated": "2026-12-07", "runs": [
-        off, {**off, "fixed_tokens": 3400.0, "mem_scale": 0.97},
-        {"mode": "offload", "s_per_token": 84e-6, "fixed_tokens": 9000.0, "mem_scale": 0.7},
-        {"mode": "partial", "recomputed_share": 0.5, "s_per_token": 69e-6, "mem_scale": None}]}
+        off, {**off, "fixed_tokens": 3400.0, "mem_scale": 1.1},
+        {"mode": "offload", "s_per_token": 84e-6, "micro_tokens": 5000.0, "fixed_tokens": 9000.0, "mem_scale": 0.7},
+        {"mode": "partial", "recomputed_share": 0.5, "s_per_token": 69e-6, "micro_tokens": 3000.0, "mem_scale": None},
+        # not comparable: a partial run recomputing 2 of 32 layers, and an "on" run with LoRA dropout
+        {"mode": "partial", "recomputed_share": 2 / 32, "s_per_token": 90e-6, "micro_tokens": 4000.0},
+        {"mode": "on", "dropout": 0.05, "s_per_token": 99e-6, "micro_tokens": 4000.0}]}
     k = calibrate.constants_from(record, qlora=True)
     assert k.fixed_tokens == pytest.approx(3400.0)
-    assert k.mem_scale == pytest.approx(0.97)           # the largest: the safe side of memory
+    assert k.mem_scale == pytest.approx(1.1)             # the largest: the safe side of memory
     assert k.recompute["offload"] == pytest.approx(0.4)  # 84 / 60 - 1
     assert k.recompute["partial"] == pytest.approx(0.3)  # (69 / 60 - 1) / 0.5 of the layers
-    assert k.recompute["on"] == planner.RECOMPUTE["on"]  # never measured: the default
-    assert "measured on NVIDIA H200 by 4 earlier run(s)" in k.source
-    low = calibrate.constants_from({"runs": [{"mem_scale": 0.5}]}, qlora=False)
-    assert low.mem_scale == calibrate.MEM_SCALE_RANGE[0] and low.fixed_tokens == planner.FIXED_TOKENS["lora"]
+    assert k.recompute["on"] == planner.RECOMPUTE["on"]  # only measured with dropout: the default
+    assert "measured on NVIDIA H200 by 6 earlier run(s)" in k.source
+    # Micro-batches of another size than the runs without checkpointing: no recompute cost from them.
+    far = calibrate.constants_from({"runs": [off, {**record["runs"][2], "micro_tokens": 20000.0}]}, qlora=True)
+    assert far.recompute["offload"] == planner.RECOMPUTE["offload"]
+    # A peak under the estimate never makes the plan tighter; nonsense entries are skipped, not fatal.
+    low = calibrate.constants_from({"runs": [{"mem_scale": 0.5}, {"fixed_tokens": "many"}, {"mode": 3}]}, qlora=False)
+    assert low.mem_scale == 1.0 and low.fixed_tokens == planner.FIXED_TOKENS["lora"]
     assert calibrate.constants_from({"runs": []}, qlora=True) is None
 
 
