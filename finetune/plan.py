@@ -27,7 +27,9 @@ where they fit, micro-batches of at least ~4k tokens, and recompute only the lay
 
 Token counts come from the data when it is known: padding-free micro-batches hold the sum of their rows' lengths
 (the peak is taken at the `micro` longest rows), padded ones `micro` x the longest row.
-The memory model is an estimate from the model's shape, calibrated on an H100 (docs/BENCHMARKS.md).
+The memory model is an estimate from the model's shape, calibrated on an H100 (docs/BENCHMARKS.md). D, the recompute
+cost and a factor on the memory estimate are `Constants`: the H100's by default, the card's own where earlier runs
+on it measured them (finetune/calibrate.py; the train stage passes them in as `measured`).
 """
 
 from __future__ import annotations
