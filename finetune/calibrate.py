@@ -110,11 +110,10 @@ def constants_from(record: dict | None, qlora: bool) -> Constants | None:
     scale = _clamp(max(scales), MEM_SCALE_RANGE) if scales else 1.0
     recompute = dict(default.recompute)
     g = _per_mode_g(runs)
-    for mode in recompute:
-        if mode != "off" and "off" in g and mode in g:
-            recompute[mode] = _clamp(g[mode] / g["off"] - 1.0, RECOMPUTE_RANGE)
-    measured = [w for w, ok in (("host floor", floors), ("memory", scales)) if ok] + \
-        [f"recompute ({m})" for m in recompute if m != "off" and "off" in g and m in g]
+    modes = [m for m in recompute if m != "off" and m in g]  # _per_mode_g has others only beside "off"
+    for mode in modes:
+        recompute[mode] = _clamp(g[mode] / g["off"] - 1.0, RECOMPUTE_RANGE)
+    measured = [w for w, ok in (("host floor", floors), ("memory", scales)) if ok] + [f"recompute ({m})" for m in modes]
     source = (f"measured on {record.get('device', 'this card')} by {len(runs)} earlier run(s) "
               f"({', '.join(measured) or 'nothing usable'}; {record.get('updated', '?')}), "
               f"{record.get('path', 'the cache')}")
