@@ -498,7 +498,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
         if any(k in env for k in ("_DEQUANT", "_NOGUARD", "_BLOCK_COMPILE")) or any(k.startswith("PYTORCH_") for k in env) \
                 or os.environ.get("BENCH_PROFILE"):
             record = None  # a path the product does not run (or a profiled one) must not teach the product's planner
-        measured = calibrate.constants_from(calibrate.load(record), cfg.use_qlora) if env.get("_MEASURED") and record else None
+        measured = calibrate.measured_constants(record, cfg.use_qlora) if env.get("_MEASURED") else None
         if env.get("_MEASURED"):
             result["measured_constants"] = plan_lib.describe_constants(measured) if measured else "none recorded"
         p = plan_lib.plan(cfg, backend, len(fixed_ds), lengths=[len(x) for x in fixed_ds["input_ids"]], shape=shape,

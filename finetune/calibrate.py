@@ -120,6 +120,11 @@ def constants_from(record: dict | None, qlora: bool) -> Constants | None:
     return Constants(fixed, recompute, scale, source)
 
 
+def measured_constants(path: Path | None, qlora: bool) -> Constants | None:
+    """The constants the record at `path` holds (None: no record, nothing usable in it, or no GPU)."""
+    return constants_from(load(path), qlora) if path else None
+
+
 def _per_mode_g(runs: list[dict]) -> dict:
     """GPU seconds per token, per checkpointing mode, from runs that can be compared with the runs without
     checkpointing: LoRA dropout 0 (the plan adds its mask replay on top), micro-batches of similar size (attention's

@@ -68,7 +68,7 @@ def train(cfg: RunConfig, paths: RunPaths, base: str, tok, backend: model_lib.Ba
     # The plan: the model's shape and the card's memory are measured here, once; the planner touches neither. Its
     # constants come from earlier runs on this card where there were any (finetune/calibrate.py).
     record = calibrate.record_path(cfg, backend, shape, world_size)
-    measured = calibrate.constants_from(calibrate.load(record), cfg.use_qlora) if record else None
+    measured = calibrate.measured_constants(record, cfg.use_qlora)
     p = plan(cfg, backend, len(train_rows), world_size, lengths=lengths,
              shape=shape, gpu_memory=backend.gpu_memory(), measured=measured)
     if cfg.preference:
