@@ -72,28 +72,36 @@ def path_for(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / "calibration" / f"{key}.json"
 
 
-def fit_host_floor(steps: list[tuple[float, int, int]]) -> dict | None:
+def fit_host_floor(steps: list[tuple[float, int, int]]) -> dict:
     """steps: (seconds, tokens, micro-batches) of each optimizer step, in order. Returns {"fixed_tokens": D,
-    "s_per_token": g, "host_s": c, "steps": n} or None when the steps cannot separate c from g."""
+    "s_per_token": g, "host_s": c, "steps": n, "micro_tokens": mean} or, where the steps cannot separate c from g,
+    {"why": the reason, in words for the log}."""
     xs = steps[WARMUP_STEPS:][-MAX_PAIRS_STEPS:]
     if len(xs) < MIN_STEPS:
-        return None
+        return {"why": f"{len(xs)} steady steps (a fit needs {MIN_STEPS})"}
     tokens = [float(t) for _, t, _ in xs]
     mean = statistics.fmean(tokens)
-    if mean <= 0 or statistics.pstdev(tokens) / mean < MIN_SPREAD:
-        return None
+    spread = statistics.pstdev(tokens) / mean if mean > 0 else 0.0
+    if spread < MIN_SPREAD:
+        return {"why": f"every step had about the same tokens (spread {spread:.0%} < {MIN_SPREAD:.0%})"}
     slopes = [(b[0] - a[0]) / (b[1] - a[1]) for i, a in enumerate(xs) for b in xs[i + 1:] if b[1] != a[1]]
     g = statistics.median(slopes)
     c = statistics.median(s - g * t for s, t, _ in xs)
     micro = statistics.median(m for _, _, m in xs)
     if g <= 0 or c <= 0 or micro <= 0:
-        return None
+        return {"why": "the step time did not grow with its tokens (host-bound, or noise larger than the GPU's share)"
+                if g <= 0 else "the step time has no part independent of its tokens"}
     # The planner's law is max(host, GPU) per micro-batch; a line fits it only where the micro-batches straddle the
     # floor. Micro-batches all above it leave c = the step's sync and optimizer only (a floor far too low); all below
     # it leave g = noise. Either way nothing is learned about D.
     floor, per_micro = c / (micro * g), [t / m for _, t, m in xs]
-    if not min(per_micro) <= floor <= max(per_micro):
-        return None
+    lo, hi = min(per_micro), max(per_micro)
+    if floor > hi:
+        return {"why": f"every micro-batch ({lo:,.0f}-{hi:,.0f} tokens) is under the line's floor ({floor:,.0f}): "
+                       "host-bound steps, whose slope is noise"}
+    if floor < lo:
+        return {"why": f"every micro-batch ({lo:,.0f}-{hi:,.0f} tokens) is over the line's floor ({floor:,.0f}): "
+                       "the host's time hides behind the GPU's"}
     return {"fixed_tokens": floor, "s_per_token": g, "host_s": c, "steps": len(xs),
             "micro_tokens": statistics.fmean(per_micro)}
 
@@ -224,7 +232,7 @@ class Recorder(TrainerCallback):
             return
         # The record is a convenience for the next plan: nothing in it may fail a run whose training has finished.
         try:
-            run = measure(self.steps if self.padding_free else [], torch.cuda.max_memory_allocated(),
+            run = measure(self.steps if self.padding_free else None, torch.cuda.max_memory_allocated(),
                           self.est_bytes, self.device, self.mode, self.recomputed_share, self.dropout)
             if run is None:
                 return
@@ -233,23 +241,25 @@ class Recorder(TrainerCallback):
             self.log(f"[train] planner constants not recorded ({type(e).__name__}: {e})")
             return
         floor = f"host floor {run['fixed_tokens']:,.0f} tokens over {run['fit_steps']} steps" \
-            if run.get("fixed_tokens") else "no host floor (every step had about the same tokens)"
+            if run.get("fixed_tokens") else f"no host floor ({run['no_floor']})"
         self.log(f"[train] measured for the planner: {floor}, peak {run['peak_gib']} GiB"
                  + (f" = {run['mem_scale']:.2f} x the estimate" if run["mem_scale"] else "") + f" -> {self.path}")
 
 
-def measure(steps: list[tuple[float, int, int]], peak_bytes: float, est_bytes: float, device: str, mode: str,
+def measure(steps: list[tuple[float, int, int]] | None, peak_bytes: float, est_bytes: float, device: str, mode: str,
             recomputed_share: float, dropout: float = 0.0) -> dict | None:
     """One run's entry in the record: the host-floor fit (where the steps allow it) and the peak against the
     plan's estimate; None when neither was measured."""
-    fit = fit_host_floor(steps)
+    fit = fit_host_floor(steps) if steps is not None else {"why": "padded batches (their tokens leave out the pads)"}
     scale = round(peak_bytes / est_bytes, 4) if est_bytes and peak_bytes else None
-    if not fit and not scale:
+    if "fixed_tokens" not in fit and not scale:
         return None
     run = {"device": device, "mode": mode, "recomputed_share": round(recomputed_share, 4), "dropout": dropout,
            "steps": len(steps),
            "peak_gib": round(peak_bytes / 2**30, 2), "mem_scale": scale, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if fit:
+    if "fixed_tokens" not in fit:
+        run["no_floor"] = fit["why"]
+    else:
         run.update(fixed_tokens=round(fit["fixed_tokens"], 1), s_per_token=fit["s_per_token"],
                    host_s=round(fit["host_s"], 5), fit_steps=fit["steps"], micro_tokens=round(fit["micro_tokens"], 1))
     return run

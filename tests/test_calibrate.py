@@ -45,12 +45,22 @@ def test_micro_batches_that_never_meet_the_floor_measure_none():
     rng = random.Random(3)
     tokens = [rng.randint(20000, 60000) for _ in range(40)]
     steps = [(max(0.3, 70e-6 * t) + 0.01, t, 1) for t in tokens]  # + the step's sync and optimizer
-    assert calibrate.fit_host_floor(steps) is None
+    assert "the host's time hides behind the GPU's" in calibrate.fit_host_floor(steps)["why"]
+
+
+def test_host_bound_steps_measure_none_and_say_so():
+    """Run I21-8 (H100, 24 GiB, variable rows): steps whose time does not follow their tokens."""
+    rng = random.Random(5)
+    tokens = [rng.randint(2000, 6000) for _ in range(40)]
+    steps = [(0.6 + rng.uniform(-0.15, 0.15) + 1e-6 * t, t, 1) for t in tokens]
+    fit = calibrate.fit_host_floor(steps)
+    assert "fixed_tokens" not in fit and "host-bound" in fit["why"]
 
 
 def test_rows_of_one_length_or_too_few_steps_measure_no_floor():
-    assert calibrate.fit_host_floor(steps_from_law(0.3, 70e-6, 1, [16384] * 40)) is None
-    assert calibrate.fit_host_floor(steps_from_law(0.3, 70e-6, 1, [1000, 5000] * 5)) is None  # 10 - 3 warm-up < 8
+    assert "the same tokens" in calibrate.fit_host_floor(steps_from_law(0.3, 70e-6, 1, [16384] * 40))["why"]
+    assert calibrate.fit_host_floor(steps_from_law(0.3, 70e-6, 1, [1000, 5000] * 5))["why"] == \
+        "7 steady steps (a fit needs 8)"  # 10 - 3 warm-up
 
 
 def test_a_record_keeps_the_last_runs_and_a_broken_one_is_ignored(tmp_path):
@@ -94,7 +104,7 @@ def test_constants_take_the_median_floor_the_largest_memory_factor_and_a_measure
 
 def test_a_run_without_a_fit_still_records_its_memory():
     run = calibrate.measure(steps_from_law(0.3, 70e-6, 1, [16384] * 40), 20 * 2**30, 25 * 2**30, "H200", "off", 0.0)
-    assert run["mem_scale"] == pytest.approx(0.8) and "fixed_tokens" not in run
+    assert run["mem_scale"] == pytest.approx(0.8) and "fixed_tokens" not in run and "same tokens" in run["no_floor"]
     assert calibrate.measure([], 0, 25 * 2**30, "H200", "off", 0.0) is None
 
 
