@@ -89,6 +89,11 @@ ARMS = {
     "ours_expseg": ("ours", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
     "unsloth_tuned_expseg": ("unsloth_raw", {"_CKPT": "off", "_MICRO": "8",
                                              "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}),
+    # The product's padding-free attention is one flash varlen call per layer (finetune.model.lean_varlen_attention);
+    # _SEGMENTS=1 keeps Unsloth's torch-2.11 path (one padded cuDNN SDPA per row), what ours ran before run I21-9.
+    # _VARLEN=1 gives Unsloth the varlen path it takes itself on torch >= 2.12.
+    "ours_segments": ("ours", {"_SEGMENTS": "1"}),
+    "unsloth_tuned_varlen": ("unsloth_raw", {"_CKPT": "off", "_MICRO": "8", "_VARLEN": "1"}),
 }
 DEFAULT_ARMS = "hf,unsloth_raw,unsloth_tuned,unsloth_tuned_bf16,ours,ours_bf16,ours_fp8"
 
@@ -167,6 +172,21 @@ def dequantize_lora_bases(model) -> int:
         mod.base_layer = lin
     torch.cuda.empty_cache()
     return added
+
+
+def count_attention_calls() -> dict:
+    """How the padding-free attention ran: calls of Unsloth's varlen path and of its per-segment SDPA path."""
+    import unsloth.utils.attention_dispatch as ad
+
+    info = {"varlen": 0, "segments": 0}
+    for name, key in (("_torch_varlen_packed", "varlen"), ("_sdpa_packed_segments", "segments")):
+        fn = getattr(ad, name)
+
+        def counted(*a, _fn=fn, _key=key, **k):
+            info[_key] += 1
+            return _fn(*a, **k)
+        setattr(ad, name, counted)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,7 +515,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
         # Every ours arm records what it measures for the planner (finetune/calibrate.py), in the card's record of
         # this machine's cache; _MEASURED=1 plans from what the arms before it recorded.
         record = calibrate.record_path(cfg, backend, shape)
-        if any(k in env for k in ("_DEQUANT", "_NOGUARD", "_BLOCK_COMPILE")) or any(k.startswith("PYTORCH_") for k in env) \
+        if any(k in env for k in ("_DEQUANT", "_NOGUARD", "_BLOCK_COMPILE", "_SEGMENTS")) or any(k.startswith("PYTORCH_") for k in env) \
                 or os.environ.get("BENCH_PROFILE"):
             record = None  # a path the product does not run (or a profiled one) must not teach the product's planner
         measured = calibrate.measured_constants(record, cfg.use_qlora) if env.get("_MEASURED") else None
@@ -529,6 +549,8 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
         from transformers import set_seed
 
         set_seed(cfg.seed)
+        if env.get("_SEGMENTS"):  # the attention path ours ran before run I21-9
+            model_lib.lean_varlen_attention = lambda: "one SDPA call per row (bench arm _SEGMENTS: Unsloth's torch 2.11 path)"
         model = model_lib.load_for_training(cfg, base, tok, backend, p)
         if env.get("_DEQUANT"):
             result["dequant_added_gib"] = round(dequantize_lora_bases(model) / 2**30, 2)
@@ -545,6 +567,12 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
                 from trl import SFTTrainer
                 t.compute_loss = SFTTrainer.compute_loss.__get__(t)
             return t
+    if env.get("_VARLEN"):  # Unsloth's own arms: the path it takes on torch >= 2.12
+        from finetune import model as model_lib
+
+        result["attention"] = model_lib.lean_varlen_attention()
+    if "unsloth" in sys.modules:
+        result["attention_calls"] = count_attention_calls()
     result["load_s"] = round(time.time() - t0, 1)
     result["gpu_mem_after_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
     flops, peak = _model_flops(model, kind, env, result)

@@ -347,6 +347,8 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
 
     fast = lora_kernels == "fast"
     fast_lora.install() if fast else fast_lora.uninstall()
+    if fast:  # measured in fast_lora's eager blocks; Unsloth's compiled blocks keep its own choice
+        print(f"[model] padding-free attention: {lean_varlen_attention()}", flush=True)
     extra = {"checkpoint_skip_layers": keep_layers} if grad_ckpt == "partial" and keep_layers > 0 else {}
     # fast_lora's kernels run in eager decoder blocks. On torch >= 2.11 Unsloth torch.compiles every block, and with
     # the router in the traced code every block compile failed and fell back to eager (docs/BENCHMARKS.md, run 10).
@@ -355,6 +357,41 @@ def _load_unsloth(cfg: RunConfig, base: str, tok, grad_ckpt: str, keep_layers: i
             model, r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
             target_modules=target_modules(cfg), use_gradient_checkpointing=ckpt, random_state=cfg.seed,
             max_seq_length=cfg.max_seq_length, **extra)
+
+
+def lean_varlen_attention() -> str:  # pragma: no cover - GPU
+    """Padding-free batches attend through one flash varlen call per layer, as Unsloth does on torch >= 2.12.
+
+    Unsloth takes that path only where torch's varlen_attn has enable_gqa (torch 2.12+); below it, its gate is
+    closed and every layer runs one cuDNN SDPA per row of the batch, each padded to a multiple of 128: about 150
+    small copies and 80 fills per layer and step, which left the GPU idle half of a steady step on variable-length
+    rows (docs/BENCHMARKS.md, run I21-8). Its own varlen Function (`_LeanFlashVarlen`: the aten flash forward and
+    backward with cu_seqlens, in torch since 2.5) needs nothing from 2.12, so the gate is opened with it: 1.62x the
+    useful tokens/s on the bench's variable rows, losses within 2e-4 (run I21-9). Unsloth still decides per call
+    whether varlen applies (dtype, head size, sliding window, the int32 guard). Opened only with fast_lora's eager
+    decoder blocks, where it was measured (under Unsloth's compiled blocks the traced path differs). Returns the
+    banner's note."""
+    import torch
+
+    try:
+        import unsloth.utils.attention_dispatch as ad
+
+        lean = ad._LeanFlashVarlen
+        gate = ad._TORCH_VARLEN_ATTN
+    except (ImportError, AttributeError) as e:
+        return f"Unsloth's own choice (its attention dispatch has changed: {type(e).__name__})"
+    if gate is not None:
+        return "one flash varlen call per layer (this torch has varlen_attn)"
+    if not torch.backends.cuda.is_flash_attention_available():
+        return "one SDPA call per row (this torch build has no flash kernel)"
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        # Reached only while torch.compile traces: eagerly Unsloth calls the lean Function itself.
+        return lean.apply(q, k, v, cu_q, max_q, tuple(window_size) == (-1, 0), scale, window_size[0], window_size[1])
+
+    ad._TORCH_VARLEN_ATTN, ad._LEAN_VARLEN = varlen, True
+    ad._varlen_can_use_cudnn = lambda *a, **k: False
+    return f"one flash varlen call per layer (Unsloth's torch 2.12 path, opened on torch {torch.__version__.split('+')[0]})"
 
 
 def _unsloth_block_compile(on: bool):
