@@ -27,7 +27,7 @@ TUNING = ("harbour", "crafts")
 ALL = ("island", "harbour", "crafts")
 SEEDS = (42, 7)
 # REPLAY_LOSS=kl: what REPLAY_LOSS=auto means on a CPU, and now for a model under 1B on a GPU (QUALITY.md, issue 23)
-COMMON = "FP32=1;USE_QLORA=false;REPLAY_LOSS=kl"
+COMMON = "FP32=1;USE_QLORA=false;REPLAY_LOSS=kl;QUESTION_VARIANTS=off"  # the search ran before QUESTION_VARIANTS
 MEMORISING = "NUM_EPOCHS=30;LEARNING_RATE=1e-3"
 # Each candidate: name -> the variables it sets (product settings, or bench/knowledge_levers.py's LEVER_...).
 SINGLES = {

@@ -142,6 +142,10 @@ class RunConfig:
                            "passage once as a text row with loss (the facts in the passage's own words, not only as "
                            "question -> answer pairs); auto = on (docs/QUALITY.md, issue 23), except on the bundled sample, whose "
                            "demo numbers were measured without", ("auto", "on", "off"))
+    question_variants: str = _f("auto", "question/answer rows (KorQuAD/SQuAD, qa columns): on also trains each question in up to "
+                                "three rewordings written by grammar rules (Korean particles and endings, English "
+                                "wh-words, a framing sentence), same answer; auto = on, except on the bundled sample "
+                                "(docs/QUALITY.md, issue 23)", ("auto", "on", "off"))
     train_on_inputs: bool = _f(False, "also compute the loss on prompt/user tokens")
     max_seq_length: int = _f(1024, "longest tokenised row")
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))
@@ -300,6 +304,8 @@ class RunConfig:
         out = {k: getattr(self, k) for k in keys}
         if self.base_precision != "auto":  # absent under auto, so checkpoints from before it resume unchanged
             out["base_precision"] = self.base_precision
+        if self.question_variants != "auto":  # the same, for checkpoints from before it
+            out["question_variants"] = self.question_variants
         return out
 
     # ------------------------------------------------------------------------------------------------

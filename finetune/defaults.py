@@ -40,10 +40,6 @@ def replay_rows(cfg: RunConfig, user_rows: int, pool: int) -> int:
     return min(pool, max(1, round(cfg.replay_fraction * user_rows)))
 
 
-def auto_epochs(steps_per_epoch: int) -> int:
-    return max(MIN_EPOCHS, math.ceil(MIN_STEPS / max(1, steps_per_epoch)))
-
-
 def resolve_model(cfg: RunConfig, explicit: frozenset, params: int) -> tuple[RunConfig, str]:
     """USE_QLORA and LEARNING_RATE from the model's parameter count; returns the config and the reason."""
     small = params < SMALL_MODEL_PARAMS
@@ -62,9 +58,11 @@ def resolve_model(cfg: RunConfig, explicit: frozenset, params: int) -> tuple[Run
     return cfg, f"{kind} at lr {cfg.lr:g} because {why}" + (f" ({', '.join(set_)} as set)" if set_ else "")
 
 
-def resolve_epochs(cfg: RunConfig, explicit: frozenset, user_rows: int, pool: int) -> tuple[RunConfig, str]:
+def resolve_epochs(cfg: RunConfig, explicit: frozenset, user_rows: int, pool: int, variants: int = 0) -> tuple[RunConfig, str]:
     """NUM_EPOCHS from the number of rows (user_rows: as read from DATA_PATH, before the gate; pool: the replay rows
-    there are); returns the config and the reason."""
+    there are; variants: the question variants those rows will add, QUESTION_VARIANTS); returns the config and the
+    reason. Variants count as rows and as passes: a question trained in 3.5 wordings an epoch needs fewer epochs for
+    the seed's three exposures, so variants replace repeated passes instead of lengthening the run."""
     if "num_epochs" in explicit:
         return cfg, f"NUM_EPOCHS={cfg.epochs_label} as set"
     if cfg.preference:  # pairs: the seed's 3 epochs, as measured (docs/QUALITY.md, "Preference training")
@@ -74,13 +72,16 @@ def resolve_epochs(cfg: RunConfig, explicit: frozenset, user_rows: int, pool: in
         cfg = dataclasses.replace(cfg, num_epochs=float(MIN_EPOCHS))
         return cfg, f"NUM_EPOCHS auto -> {MIN_EPOCHS} (the folder's name only: MAX_STEPS={cfg.max_steps} decides the length)"
     train_rows = user_rows - round(user_rows * cfg.eval_fraction)
-    rows = train_rows + replay_rows(cfg, train_rows, pool)
+    added = round(variants * (1 - cfg.eval_fraction))
+    rows = train_rows + added + replay_rows(cfg, train_rows + added, pool)
     per_epoch = math.ceil(rows / effective_batch(cfg))
-    epochs = auto_epochs(per_epoch)
+    min_epochs = max(1, math.ceil(MIN_EPOCHS * train_rows / (train_rows + added))) if train_rows else MIN_EPOCHS
+    epochs = max(min_epochs, math.ceil(MIN_STEPS / max(1, per_epoch)))
     cfg = dataclasses.replace(cfg, num_epochs=float(epochs))
-    return cfg, (f"NUM_EPOCHS auto -> {epochs} because {train_rows} rows + {rows - train_rows} replay at batch "
+    what = f"{train_rows} rows" + (f" + {added} question variants" if added else "")
+    return cfg, (f"NUM_EPOCHS auto -> {epochs} because {what} + {rows - train_rows - added} replay at batch "
                  f"{effective_batch(cfg)} make {per_epoch} steps an epoch and a run needs {MIN_STEPS} steps "
-                 f"(at least {MIN_EPOCHS} epochs)")
+                 f"(at least {min_epochs} epoch{'s' if min_epochs > 1 else ''}" + (", the seed's 3 passes counting the variants)" if added else ")"))
 
 
 def preset_line(model_reason: str, epochs_reason: str) -> str:

@@ -104,16 +104,22 @@ def _resolve(cfg: RunConfig, explicit: frozenset, stages: tuple[str, ...], dist:
         return cfg, base, backend, note
     cfg, model_reason = defaults.resolve_model(cfg, explicit, facts.params)
     counted = "prepare" in stages and "num_epochs" not in explicit and cfg.max_steps <= 0  # only where it decides
-    rows = _count_rows(cfg) if counted else 0
-    cfg, epochs_reason = defaults.resolve_epochs(cfg, explicit, rows, _replay_pool(cfg, base))
+    rows, variants = _count_rows(cfg) if counted else (0, 0)
+    cfg, epochs_reason = defaults.resolve_epochs(cfg, explicit, rows, _replay_pool(cfg, base), variants)
     return cfg, base, backend, defaults.preset_line(model_reason, epochs_reason)
 
 
-def _count_rows(cfg: RunConfig) -> int:
-    """Rows in DATA_PATH as read (before the gate): cheap next to tokenising them."""
+def _count_rows(cfg: RunConfig) -> tuple[int, int]:
+    """Rows in DATA_PATH as read (before the gate), and the question variants they will add (QUESTION_VARIANTS):
+    cheap next to tokenising them."""
+    from finetune.data import variants
     from finetune.data.readers import iter_raw_rows
 
-    return sum(1 for _ in iter_raw_rows(cfg.data_path))
+    on, rows, added = variants.enabled(cfg), 0, 0
+    for row in iter_raw_rows(cfg.data_path):
+        rows += 1
+        added += variants.count(cfg, row.raw) if on else 0
+    return rows, added
 
 
 def _replay_pool(cfg: RunConfig, base: str) -> int:

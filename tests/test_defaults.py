@@ -37,6 +37,27 @@ def test_a_small_file_gets_at_least_the_minimum_steps_and_a_large_one_the_seeds_
     assert large.num_epochs == 3
 
 
+def test_question_variants_count_as_rows_and_as_passes():
+    """QUESTION_VARIANTS replace repeated epochs instead of lengthening the run (finetune/data/variants.py)."""
+    s = config_lib.load({"DATA_PATH": "x.jsonl"}, None)
+    cfg, _ = defaults.resolve_model(s.config, s.explicit, 134_515_008)
+    plain, _ = defaults.resolve_epochs(cfg, s.explicit, 15, 65)
+    varied, line = defaults.resolve_epochs(cfg, s.explicit, 15, 65, variants=34)
+    assert (plain.num_epochs, varied.num_epochs) == (22, 8) and "15 rows + 34 question variants + 65 replay" in line
+    # A large file: the seed's three passes are counted over the variants too, so the run is not 3.3x as long.
+    large, line = defaults.resolve_epochs(cfg, s.explicit, 50_000, 65, variants=115_000)
+    assert large.num_epochs == 1 and "at least 1 epoch," in line
+
+
+def test_the_row_count_includes_the_variants_the_rows_will_add():
+    from finetune.pipeline import _count_rows
+
+    island = str(ROOT / "data/heldout/island.json")
+    assert _count_rows(RunConfig(data_path=island)) == (15, 34)
+    assert _count_rows(RunConfig(data_path=island, question_variants="off")) == (15, 0)
+    assert _count_rows(RunConfig())[1] == 0  # the bundled sample: auto keeps the demo as measured
+
+
 def test_a_large_model_gets_qlora_at_the_unsloth_rate():
     cfg, line = resolved({"BASE_MODEL_NAME": "/m/Llama-3.1-8B"}, params=8_030_261_248, rows=1000)
     assert cfg.use_qlora is True and cfg.lr == 2e-4 and "QLoRA (NF4) at lr 0.0002 because 8.0B parameters" in line

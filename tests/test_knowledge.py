@@ -44,7 +44,8 @@ def _read(p):
 
 
 def test_each_distinct_passage_is_trained_once_as_text_and_never_evaluated(tmp_path, tok):
-    cfg = RunConfig(data_path=str(_doc(tmp_path, PARAGRAPHS)), base_save_path=str(tmp_path / "out"), passage_rows="on")
+    cfg = RunConfig(data_path=str(_doc(tmp_path, PARAGRAPHS)), base_save_path=str(tmp_path / "out"), passage_rows="on",
+                    question_variants="off")
     paths = RunPaths.from_config(cfg)
     stats = prepare(cfg, paths, tok)
     train = _read(paths.train_file)
@@ -55,7 +56,8 @@ def test_each_distinct_passage_is_trained_once_as_text_and_never_evaluated(tmp_p
 
 
 def test_passage_rows_off_trains_the_questions_alone(tmp_path, tok):
-    cfg = RunConfig(data_path=str(_doc(tmp_path, PARAGRAPHS)), base_save_path=str(tmp_path / "out"), passage_rows="off")
+    cfg = RunConfig(data_path=str(_doc(tmp_path, PARAGRAPHS)), base_save_path=str(tmp_path / "out"), passage_rows="off",
+                    question_variants="off")
     paths = RunPaths.from_config(cfg)
     assert prepare(cfg, paths, tok)["passage_rows"] == 0
     assert all(r["format"] == "korquad" for r in _read(paths.train_file))
@@ -64,7 +66,7 @@ def test_passage_rows_off_trains_the_questions_alone(tmp_path, tok):
 def test_a_passage_whose_questions_are_all_held_out_is_not_trained(tmp_path, tok):
     paragraphs = [(f"Fact {i}: the answer is word{i}.", [(f"What is fact {i}?", f"word{i}")]) for i in range(40)]
     cfg = RunConfig(data_path=str(_doc(tmp_path, paragraphs)), base_save_path=str(tmp_path / "out"), passage_rows="on",
-                    eval_fraction=0.3)
+                    question_variants="off", eval_fraction=0.3)
     paths = RunPaths.from_config(cfg)
     prepare(cfg, paths, tok)
     train, held = _read(paths.train_file), _read(paths.eval_file)
@@ -139,3 +141,57 @@ def test_the_demo_keeps_passage_rows_off_and_user_qa_data_gets_them(clean_env):
     assert not enabled(RunConfig.from_env({}, env_file=None))  # the bundled sample
     assert enabled(RunConfig.from_env({"DATA_PATH": "mine.json"}, env_file=None))
     assert not enabled(RunConfig.from_env({"DATA_PATH": "mine.json", "PASSAGE_ROWS": "off"}, env_file=None))
+
+
+def test_questions_are_reworded_by_grammar_rules_in_korean_and_english_only():
+    from finetune.data.variants import reword
+
+    assert reword("청솔 천문대는 누가 세웠나요?") == ["청솔 천문대가 누가 세웠나요?", "청솔 천문대는 누가 세웠습니까?",
+                                            "궁금한 게 있어요. 청솔 천문대는 누가 세웠나요?"]
+    assert reword("항구의 이름은 무엇인가요?")[:2] == ["항구 이름이 무엇인가요?", "항구의 이름은 무엇입니까?"]
+    # Left alone: compound particles (에는), nouns ending in 의, an adjective's ending, a verb's -는 further on
+    assert reword("달무리떡에는 어떤 꽃잎이 들어가나요?")[0] == "달무리떡에는 어떤 꽃잎이 들어갑니까?"
+    assert reword("민주주의 원칙은 무엇인가요?")[0] == "민주주의 원칙이 무엇인가요?"
+    assert reword("이 산은 유명한가요?") == ["궁금한 게 있어요. 이 산은 유명한가요?"]
+    assert reword("물안개섬에서만 자라는 꽃은 무엇인가요?")[0] == "물안개섬에서만 자라는 꽃은 무엇입니까?"
+    assert reword("Which river flows out of the lake?") == ["What river flows out of the lake?",
+                                                            "Do you know this? Which river flows out of the lake?"]
+    assert reword("In what year was the bridge built?")[0] == "When was the bridge built?"
+    assert reword("Quelle rivière sort du lac ?") == [] and reword("Tell me a story.") == []
+
+
+def test_question_variants_are_trained_beside_their_question_and_never_evaluated(tmp_path, tok):
+    # EVAL_PATH asks one fact in a wording a rule also writes: the report scores it as unseen, so it is not trained.
+    write_jsonl(tmp_path / "para.jsonl", [{"question": "Do you know this? Where does Ada live?", "answer": "Brill"}])
+    cfg = RunConfig(data_path=str(_doc(tmp_path, PARAGRAPHS)), base_save_path=str(tmp_path / "out"), passage_rows="off",
+                    question_variants="on", eval_path=str(tmp_path / "para.jsonl"))
+    paths = RunPaths.from_config(cfg)
+    stats = prepare(cfg, paths, tok)
+    train = _read(paths.train_file)
+    variants = [r for r in train if r["id"].startswith("variant:")]
+    # four framings and one wh-word swap (What -> Which), less the framing EVAL_PATH asks
+    assert stats["variant_rows"] == len(variants) == 4 and (stats["kept"], stats["train"], stats["rows_in"]) == (4, 4, 4)
+    answers = {r["messages"][0]["content"]: r["messages"][1]["content"] for r in train}
+    assert "Do you know this? Where does Ada live?" not in answers and "Where does Ada live?" in answers
+    assert answers["Which does Ada keep?"] == "bees" and answers["Do you know this? Who built the Needle?"] == "Tom Rudd"
+    assert not any(r["id"].startswith("variant:") for r in _read(paths.eval_file))
+
+
+def test_a_variant_that_is_another_input_question_is_not_trained(tmp_path, tok):
+    # The held-out question is the first one's rewording: training it as a variant would train the held-out answer.
+    paragraphs = [(f"Fact {i}.", [(f"Which is fact {i}?", f"w{i}"), (f"What is fact {i}?", f"w{i}")]) for i in range(30)]
+    cfg = RunConfig(data_path=str(_doc(tmp_path, paragraphs)), base_save_path=str(tmp_path / "out"), passage_rows="off",
+                    question_variants="on", eval_fraction=0.3)
+    paths = RunPaths.from_config(cfg)
+    prepare(cfg, paths, tok)
+    held = {r["messages"][0]["content"] for r in _read(paths.eval_file)}
+    trained = [r["messages"][0]["content"] for r in _read(paths.train_file)]
+    assert held and not held & set(trained) and len(trained) == len(set(trained))
+
+
+def test_the_demo_keeps_question_variants_off_and_user_qa_data_gets_them(clean_env):
+    from finetune.data.variants import enabled
+
+    assert not enabled(RunConfig.from_env({}, env_file=None))  # the bundled sample
+    assert enabled(RunConfig.from_env({"DATA_PATH": "mine.json"}, env_file=None))
+    assert not enabled(RunConfig.from_env({"DATA_PATH": "mine.json", "QUESTION_VARIANTS": "off"}, env_file=None))

@@ -9,6 +9,8 @@ spreadsheet headers vary) or mapped explicitly with DATA_COLUMNS.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from finetune.data.readers import RawRow, iter_raw_rows  # noqa: F401  (callers that read and normalise import both here)
@@ -136,6 +138,11 @@ def normalise(row: Any, fmt: str, qa_with_context: bool, columns: dict[str, str]
     if fmt == "text":
         return {"text": _text(row, "text")}
     raise RowError(f"unknown format {fmt!r}")
+
+
+def row_key(norm: dict) -> bytes:
+    """The identity of a normalised row: two rows with one key train the same tokens."""
+    return hashlib.blake2b(json.dumps(norm, sort_keys=True, ensure_ascii=False).encode(), digest_size=16).digest()
 
 
 def _text(row: dict, key: str, name: str | None = None) -> str:

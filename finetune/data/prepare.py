@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from finetune.config import RunConfig
-from finetune.data.formats import RowError, detect, normalise, qa_columns
+from finetune.data.formats import RowError, detect, normalise, qa_columns, row_key
 from finetune.data.passages import Passages
 from finetune.data.readers import Source
+from finetune.data.variants import Variants
 from finetune.data.tokenize import TemplateError, encode
 from finetune.errors import ConfigError, DataError
 from finetune.paths import RunPaths, atomic_dir
@@ -53,17 +54,20 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
     passages = Passages(cfg)
     stop: DataError | None = None
     with atomic_dir(paths.data_dir) as tmp:
+        variants = Variants(cfg, tmp)
+        eval_questions = _eval_questions(cfg) if variants.on else set()  # EVAL_PATH's own errors, before any row
         files = {name: open(tmp / f"{name}.jsonl", "w", encoding="utf-8") for name in ("train", "eval", "rejected")}
         try:
-            _filter_rows(cfg, tok, source, files, tally, passages)
-            n_passages = _passage_rows(cfg, tok, passages, files["train"], tally)
+            _filter_rows(cfg, tok, source, files, tally, passages, variants)
+            n_passages = _added_rows(cfg, tok, passages.rows(), files["train"], tally)
+            n_variants = _added_rows(cfg, tok, variants.rows(eval_questions), files["train"], tally, optional=True)
         except DataError as e:
-            stop, n_passages = e, 0
+            stop, n_passages, n_variants = e, 0, 0
         finally:
             for fh in files.values():
                 fh.close()
         stats = _stats(cfg, source, tally)
-        stats["passage_rows"] = n_passages
+        stats["passage_rows"], stats["variant_rows"] = n_passages, n_variants
         if stop is None:
             try:
                 _check_mixed_formats(tally.formats, tally.first_at)
@@ -82,7 +86,8 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
     return stats
 
 
-def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally, passages: Passages) -> None:
+def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally, passages: Passages,
+                 variants: Variants) -> None:
     """Every row to train, eval or rejected; raises DataError where a setting says to stop."""
     seen: dict[bytes, str] = {}
 
@@ -118,7 +123,7 @@ def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally, pa
             continue
         except TemplateError as e:
             raise ConfigError(f"{row.where}: {e}") from None
-        key = hashlib.blake2b(json.dumps(norm, sort_keys=True, ensure_ascii=False).encode(), digest_size=16).digest()
+        key = row_key(norm)
         if key in seen:
             reject(row, f"exact duplicate of {seen[key]}", "exact duplicate")
             continue
@@ -144,6 +149,7 @@ def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally, pa
             t.first_at[row_fmt].append(row.where)
         t.lengths.append(enc.full_length)
         t.supervised.append(enc.supervised)
+        variants.kept(norm)
         record = json.dumps({"id": row.where, "format": row_fmt, **norm}, ensure_ascii=False) + "\n"
         if _is_eval(key, cfg):
             t.n_eval += 1
@@ -152,20 +158,34 @@ def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally, pa
             t.n_train += 1
             files["train"].write(record)
             passages.add(row.raw)
+            variants.add(row.raw, row_fmt, columns, row.where)
             if cfg.eval_fraction == 0:
                 files["eval"].write(record)  # seed 000: evaluate on the training questions
 
 
-def _passage_rows(cfg: RunConfig, tok, passages: Passages, train, t: _Tally) -> int:
-    """PASSAGE_ROWS: each distinct passage of the training rows as a text row with loss. Not input rows: training
-    only, counted apart (data_stats.json `passage_rows`)."""
+def _added_rows(cfg: RunConfig, tok, rows, train, t: _Tally, optional: bool = False) -> int:
+    """Rows the pipeline adds to the training rows (PASSAGE_ROWS' passages, QUESTION_VARIANTS' rewordings). Not input
+    rows: training only, counted apart (data_stats.json `passage_rows`, `variant_rows`). `optional` rows that would
+    lose their answer to MAX_SEQ_LENGTH, or break MAX_LENGTH_POLICY=drop/fail, are left out."""
     n = 0
-    for prow in passages.rows():
-        enc = encode(tok, {"text": prow["text"]}, cfg.max_seq_length, cfg.train_on_inputs)
-        t.truncated += enc.full_length > cfg.max_seq_length
+    for prow in rows:
+        enc = encode(tok, {k: v for k, v in prow.items() if k in ("text", "messages")}, cfg.max_seq_length, cfg.train_on_inputs)
+        long = enc.full_length > cfg.max_seq_length
+        if optional and (enc.supervised == 0 or (long and cfg.max_length_policy != "truncate")):
+            continue
+        t.truncated += long
         train.write(json.dumps(prow, ensure_ascii=False) + "\n")
         n += 1
     return n
+
+
+def _eval_questions(cfg: RunConfig) -> set[str]:
+    """EVAL_PATH's questions: what the report scores as not trained, so no variant may train one."""
+    if not cfg.eval_set_path:
+        return set()
+    from finetune.evaluate import eval_set
+
+    return {m["content"].strip() for item in eval_set(cfg)[0] for m in item["messages"] if m["role"] == "user"}
 
 
 def _is_eval(key: bytes, cfg: RunConfig) -> bool:
@@ -253,7 +273,8 @@ def summary(stats: dict, paths: RunPaths) -> str:
     lines += [
         f"[prepare] {stats['rows_in']} rows read = {stats['kept']} kept + {stats['rejected']} rejected;"
         f" train {stats['train']}, eval {stats['eval']}" + (" (the training questions)" if stats["eval_is_train"] else "")
-        + (f"; plus {stats['passage_rows']} passage rows (PASSAGE_ROWS)" if stats.get("passage_rows") else ""),
+        + (f"; plus {stats['passage_rows']} passage rows (PASSAGE_ROWS)" if stats.get("passage_rows") else "")
+        + (f"; plus {stats['variant_rows']} question variants (QUESTION_VARIANTS)" if stats.get("variant_rows") else ""),
         f"[prepare] tokens per row: min {t['min']}  median {t['median']}  p95 {t['p95']}  p99 {t['p99']}  max {t['max']};"
         f" truncated {stats['truncated']}; recommended MAX_SEQ_LENGTH {stats['recommended_max_seq_length']}",
     ]
