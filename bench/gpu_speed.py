@@ -571,7 +571,7 @@ def arm(name: str, model_dir: Path, json_path: Path, steps: int, var_steps: int,
         from finetune import model as model_lib
 
         result["attention"] = model_lib.lean_varlen_attention()
-    if "unsloth" in sys.modules:
+    if os.environ.get("BENCH_COUNT_ATTN") and "unsloth" in sys.modules:  # opt-in: under compiled blocks it is traced
         result["attention_calls"] = count_attention_calls()
     result["load_s"] = round(time.time() - t0, 1)
     result["gpu_mem_after_load_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)

@@ -369,8 +369,10 @@ def lean_varlen_attention() -> str:  # pragma: no cover - GPU
     backward with cu_seqlens, in torch since 2.5) needs nothing from 2.12, so the gate is opened with it: 1.62x the
     useful tokens/s on the bench's variable rows, losses within 2e-4 (run I21-9). Unsloth still decides per call
     whether varlen applies (dtype, head size, sliding window, the int32 guard). Opened only with fast_lora's eager
-    decoder blocks, where it was measured (under Unsloth's compiled blocks the traced path differs). Returns the
-    banner's note."""
+    decoder blocks, where it was measured (under Unsloth's compiled blocks the traced path differs), and only where
+    Unsloth would otherwise run the per-row path: flash-attn or xformers installed, Unsloth's own switches
+    (UNSLOTH_TORCH_VARLEN=0, UNSLOTH_LEAN_VARLEN=0) or a card without a flash kernel keep its choice. Sliding-window
+    layers take the Function's window as on torch 2.12; measured here on Llama only. Returns the banner's note."""
     import torch
 
     try:
@@ -378,12 +380,23 @@ def lean_varlen_attention() -> str:  # pragma: no cover - GPU
 
         lean = ad._LeanFlashVarlen
         gate = ad._TORCH_VARLEN_ATTN
+        kernels = (ad.HAS_FLASH_ATTENTION, ad.HAS_XFORMERS, ad._SDPA_PACKED_SEGMENTS)
     except (ImportError, AttributeError) as e:
         return f"Unsloth's own choice (its attention dispatch has changed: {type(e).__name__})"
     if gate is not None:
         return "one flash varlen call per layer (this torch has varlen_attn)"
-    if not torch.backends.cuda.is_flash_attention_available():
-        return "one SDPA call per row (this torch build has no flash kernel)"
+    if kernels[0]:
+        return "flash-attn's varlen kernel (installed), Unsloth's own choice"
+    if kernels[1]:
+        return "xformers (installed), Unsloth's own choice"
+    if not kernels[2]:
+        return "one SDPA call with a block mask (UNSLOTH_SDPA_PACKED_SEGMENTS is off)"
+    off = [k for k in ("UNSLOTH_TORCH_VARLEN", "UNSLOTH_LEAN_VARLEN")
+           if os.environ.get(k, "1").lower() in ("0", "false", "no", "off")]  # Unsloth's own switches, respected
+    if off:
+        return f"one SDPA call per row ({off[0]}=0)"
+    if not torch.backends.cuda.is_flash_attention_available() or torch.cuda.get_device_capability()[0] < 8:
+        return "one SDPA call per row (no flash kernel for this torch build or card)"
 
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
         # Reached only while torch.compile traces: eagerly Unsloth calls the lean Function itself.
