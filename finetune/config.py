@@ -144,8 +144,8 @@ class RunConfig:
                            "demo numbers were measured without", ("auto", "on", "off"))
     question_variants: str = _f("auto", "question/answer rows (KorQuAD/SQuAD, qa columns): on also trains each question in up to "
                                 "three rewordings written by grammar rules (Korean particles and endings, English "
-                                "wh-words, a framing sentence), same answer; auto = on, except on the bundled sample "
-                                "(docs/QUALITY.md, issue 23)", ("auto", "on", "off"))
+                                "wh-words, a framing sentence), same answer; more steps on a small file; auto = off until measured on two "
+                                "seeds of every file (docs/QUALITY.md, issue 23)", ("auto", "on", "off"))
     train_on_inputs: bool = _f(False, "also compute the loss on prompt/user tokens")
     max_seq_length: int = _f(1024, "longest tokenised row")
     max_length_policy: str = _f("truncate", "rows over MAX_SEQ_LENGTH: truncate | drop | fail", ("truncate", "drop", "fail"))

@@ -61,8 +61,9 @@ def resolve_model(cfg: RunConfig, explicit: frozenset, params: int) -> tuple[Run
 def resolve_epochs(cfg: RunConfig, explicit: frozenset, user_rows: int, pool: int, variants: int = 0) -> tuple[RunConfig, str]:
     """NUM_EPOCHS from the number of rows (user_rows: as read from DATA_PATH, before the gate; pool: the replay rows
     there are; variants: the question variants those rows will add, QUESTION_VARIANTS); returns the config and the
-    reason. Variants count as rows and as passes: a question trained in 3.5 wordings an epoch needs fewer epochs for
-    the seed's three exposures, so variants replace repeated passes instead of lengthening the run."""
+    reason. The steps a run needs are counted over the input rows, as measured with variants (docs/QUALITY.md); the
+    seed's three passes count the variants, so on a large file, where the passes decide, variants do not make the
+    run 3x as long."""
     if "num_epochs" in explicit:
         return cfg, f"NUM_EPOCHS={cfg.epochs_label} as set"
     if cfg.preference:  # pairs: the seed's 3 epochs, as measured (docs/QUALITY.md, "Preference training")
@@ -73,15 +74,15 @@ def resolve_epochs(cfg: RunConfig, explicit: frozenset, user_rows: int, pool: in
         return cfg, f"NUM_EPOCHS auto -> {MIN_EPOCHS} (the folder's name only: MAX_STEPS={cfg.max_steps} decides the length)"
     train_rows = user_rows - round(user_rows * cfg.eval_fraction)
     added = round(variants * (1 - cfg.eval_fraction))
-    rows = train_rows + added + replay_rows(cfg, train_rows + added, pool)
+    rows = train_rows + replay_rows(cfg, train_rows, pool)
     per_epoch = math.ceil(rows / effective_batch(cfg))
     min_epochs = max(1, math.ceil(MIN_EPOCHS * train_rows / (train_rows + added))) if train_rows else MIN_EPOCHS
     epochs = max(min_epochs, math.ceil(MIN_STEPS / max(1, per_epoch)))
     cfg = dataclasses.replace(cfg, num_epochs=float(epochs))
-    what = f"{train_rows} rows" + (f" + {added} question variants" if added else "")
-    return cfg, (f"NUM_EPOCHS auto -> {epochs} because {what} + {rows - train_rows - added} replay at batch "
+    return cfg, (f"NUM_EPOCHS auto -> {epochs} because {train_rows} rows + {rows - train_rows} replay at batch "
                  f"{effective_batch(cfg)} make {per_epoch} steps an epoch and a run needs {MIN_STEPS} steps "
-                 f"(at least {min_epochs} epoch{'s' if min_epochs > 1 else ''}" + (", the seed's 3 passes counting the variants)" if added else ")"))
+                 f"(at least {min_epochs} epoch{'s' if min_epochs > 1 else ''}"
+                 + (f"; {added} question variants count as passes, not steps)" if added else ")"))
 
 
 def preset_line(model_reason: str, epochs_reason: str) -> str:

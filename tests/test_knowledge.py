@@ -189,9 +189,9 @@ def test_a_variant_that_is_another_input_question_is_not_trained(tmp_path, tok):
     assert held and not held & set(trained) and len(trained) == len(set(trained))
 
 
-def test_the_demo_keeps_question_variants_off_and_user_qa_data_gets_them(clean_env):
+def test_question_variants_are_off_until_measured_on_two_seeds_of_every_file(clean_env):
     from finetune.data.variants import enabled
 
     assert not enabled(RunConfig.from_env({}, env_file=None))  # the bundled sample
-    assert enabled(RunConfig.from_env({"DATA_PATH": "mine.json"}, env_file=None))
-    assert not enabled(RunConfig.from_env({"DATA_PATH": "mine.json", "QUESTION_VARIANTS": "off"}, env_file=None))
+    assert not enabled(RunConfig.from_env({"DATA_PATH": "mine.json"}, env_file=None))
+    assert enabled(RunConfig.from_env({"DATA_PATH": "mine.json", "QUESTION_VARIANTS": "on"}, env_file=None))
