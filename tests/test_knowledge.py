@@ -175,6 +175,7 @@ def test_question_variants_are_trained_beside_their_question_and_never_evaluated
     assert "Do you know this? Where does Ada live?" not in answers and "Where does Ada live?" in answers
     assert answers["Which does Ada keep?"] == "bees" and answers["Do you know this? Who built the Needle?"] == "Tom Rudd"
     assert not any(r["id"].startswith("variant:") for r in _read(paths.eval_file))
+    assert not list(paths.data_dir.glob("*.spool"))
 
 
 def test_a_variant_that_is_another_input_question_is_not_trained(tmp_path, tok):

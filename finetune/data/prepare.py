@@ -66,6 +66,7 @@ def prepare(cfg: RunConfig, paths: RunPaths, tok) -> dict:
         finally:
             for fh in files.values():
                 fh.close()
+            variants.close()
         stats = _stats(cfg, source, tally)
         stats["passage_rows"], stats["variant_rows"] = n_passages, n_variants
         if stop is None:

@@ -173,5 +173,10 @@ class Variants:
                     seen.add(h)
                     yield {"id": f"variant:{i} of {where}", "format": fmt, **r}
         finally:
+            self.close()
+
+    def close(self) -> None:
+        """Remove the spool (idempotent): it must not be renamed into data/ with the prepared files."""
+        if self._spool is not None:
             self._spool.close()
             self._path.unlink(missing_ok=True)
