@@ -66,6 +66,11 @@ def detect(row: Any) -> str | None:
     return None
 
 
+def format_of(row: Any, data_format: str, columns: dict[str, str] | None) -> str | None:
+    """A row's format as the run reads it: DATA_COLUMNS means qa, DATA_FORMAT=auto detects, else DATA_FORMAT."""
+    return "qa" if columns else detect(row) if data_format == "auto" else data_format
+
+
 def qa_columns(row: dict) -> dict[str, str] | None:
     """{"question": key, "answer": key[, "context": key]} for the first common pair of names the row has."""
     by_lower = {k.strip().lower(): k for k in row if isinstance(k, str)}

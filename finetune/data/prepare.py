@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from finetune.config import RunConfig
-from finetune.data.formats import RowError, detect, normalise, qa_columns, row_key
+from finetune.data.formats import RowError, format_of, normalise, qa_columns, row_key
 from finetune.data.passages import Passages
 from finetune.data.readers import Source
 from finetune.data.variants import Variants
@@ -106,7 +106,7 @@ def _filter_rows(cfg: RunConfig, tok, source: Source, files: dict, t: _Tally, pa
         if not isinstance(row.raw, dict):
             reject(row, f"row is a {type(row.raw).__name__}, expected a JSON object", "expected a JSON object")
             continue
-        row_fmt = "qa" if cfg.columns else detect(row.raw) if cfg.data_format == "auto" else cfg.data_format
+        row_fmt = format_of(row.raw, cfg.data_format, cfg.columns)
         if row_fmt is None and {"chosen", "rejected"} <= set(row.raw):
             reject(row, "a preference pair (chosen/rejected): set TRAINING_OBJECTIVE=dpo or orpo",
                    "preference pair (set TRAINING_OBJECTIVE=dpo or orpo)")

@@ -4,16 +4,18 @@ Trained on each question in one wording, a small model learns the wording: asked
 answers a neighbouring fact. With `QUESTION_VARIANTS=on` every question/answer training row (KorQuAD/SQuAD, qa
 columns) is also trained as up to three rewordings written by grammar rules, not by a model (the bundled base,
 asked to reword, copied or garbled 14 of 15 questions: docs/QUALITY.md):
-- Korean: the first topic/subject particle swapped (은<->이, 는<->가) with the genitive 의 dropped; the polite question
-  ending made formal (세워졌나요 -> 세워졌습니까, 누구인가요 -> 누구입니까); a framing sentence before the question.
+- Korean: a topic particle of the first two words made the subject (은 -> 이, 는 -> 가; compound particles such as 에는
+  and quotatives such as 라는 left alone) with the genitive 의 dropped (not from nouns ending in 의); the polite
+  question ending made formal (세워졌나요 -> 세워졌습니까, 누구인가요 -> 누구입니까); a framing sentence before the question.
 - English: a wh-word swapped (In what year -> When, What year -> In which year, Which <-> What); a framing sentence.
 Questions in other languages get no variants.
 
-The variants are training rows only, counted apart (data_stats.json `variant_rows`), like PASSAGE_ROWS. NUM_EPOCHS=auto
-chooses the epochs from the input rows, as measured, so on a small file the variants add steps (2.7x on the invented
-fact files); on a large file, where the seed's three passes decide, they count as passes (finetune/defaults.py). A variant that asks any input row's question (a
-held-out one included, whatever its answer) or a question of EVAL_PATH is not trained: it would train a question
-the report scores as unseen, or teach one question two answers. A variant that would lose its answer to
+The variants are training rows only, counted apart (data_stats.json `variant_rows`), like PASSAGE_ROWS.
+NUM_EPOCHS=auto chooses the epochs from the input rows, as measured, so on a small file the variants add steps (2.7x
+on the invented-fact files); on a large file, where the seed's three passes decide, they count as passes
+(finetune/defaults.py). A variant that asks any input row's question (a held-out one included, whatever its answer)
+or a question of EVAL_PATH is not trained: it would train a question the report scores as unseen, or teach one
+question two answers. A variant that would lose its answer to
 MAX_SEQ_LENGTH, or break MAX_LENGTH_POLICY=drop/fail, is left out (it never stops a run).
 """
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from finetune.config import RunConfig
-from finetune.data.formats import normalise
+from finetune.data.formats import format_of, normalise, qa_columns
 
 # What QUESTION_VARIANTS=auto means; measured in docs/QUALITY.md (issue 23).
 AUTO = "off"
@@ -110,16 +112,14 @@ def reword(q: str) -> list[str]:
 
 def count(cfg: RunConfig, raw: Any) -> int:
     """The variants a raw row will add, before the gate (the epoch rule counts them: finetune/defaults.py)."""
-    from finetune.data.formats import detect, qa_columns
-
-    if not isinstance(raw, dict):
-        return 0
-    fmt = "qa" if cfg.columns else detect(raw) if cfg.data_format == "auto" else cfg.data_format
-    if fmt not in QUESTION_FORMATS:
-        return 0
-    field = ((cfg.columns or qa_columns(raw) or {}).get("question", "question")) if fmt == "qa" else "question"
-    q = raw.get(field)
+    fmt = format_of(raw, cfg.data_format, cfg.columns) if isinstance(raw, dict) else None
+    q = raw.get(_question_field(fmt, cfg.columns or qa_columns(raw))) if fmt in QUESTION_FORMATS else None
     return len(reword(q.strip())) if isinstance(q, str) else 0
+
+
+def _question_field(fmt: str, columns: dict | None) -> str:
+    """The raw field that holds a question/answer row's question."""
+    return (columns or {}).get("question", "question") if fmt == "qa" else "question"
 
 
 def _question(norm: dict) -> bytes | None:
@@ -148,7 +148,7 @@ class Variants:
         """A training row: its question's variants are spooled."""
         if not self.on or fmt not in QUESTION_FORMATS or not isinstance(raw, dict):
             return
-        field = (columns or {}).get("question", "question") if fmt == "qa" else "question"
+        field = _question_field(fmt, columns)
         q = raw.get(field)
         if not isinstance(q, str):
             return
